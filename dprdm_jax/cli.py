@@ -1,0 +1,309 @@
+"""The `dprdm` command: `dprdm GROUP ACTION [--flags]`, a thin layer over the library.
+
+Each action declares its absl flags in a fresh FlagValues, so actions never see each other's flags.
+Privacy actions also take `--config FILE[:ARG]` with `--config.privacy.x=y` overrides: a flag that
+is not given falls back to the config's privacy block. Bad input prints one line on stderr and
+exits with status 2; nothing prints a traceback for it.
+"""
+
+import dataclasses
+import json
+import math
+import sys
+from typing import Callable, NamedTuple, Optional
+
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from dprdm_jax.privacy import accounting
+from dprdm_jax.privacy import ledger as ledger_lib
+
+ADJACENCY = "add-or-remove-one record"
+
+
+class UsageError(Exception):
+  """Bad input on the command line."""
+
+
+class Command(NamedTuple):
+  help: str
+  define: Callable[[flags.FlagValues], None]
+  execute: Callable[[flags.FlagValues, Optional[ml_collections.ConfigDict]], tuple[str, dict]]
+
+
+COMMANDS: dict[tuple[str, str], Command] = {}
+
+
+def command(group: str, action: str, help_text: str, define: Callable[[flags.FlagValues], None]):
+  def register(execute):
+    COMMANDS[(group, action)] = Command(help_text, define, execute)
+    return execute
+  return register
+
+
+def _json_number(x: float):
+  return x if math.isfinite(x) else str(x)
+
+
+def _fmt_eps(x: float) -> str:
+  return f"{x:.4f}" if math.isfinite(x) else "inf (sigma = 0 gives no privacy)"
+
+
+# Flags of the privacy actions, and where each falls back to in the config's privacy block.
+_PRIVACY_FLAGS = {
+    "sigma": ("noise_std", flags.DEFINE_float, "noise std sigma added to the mean of k neighbours"),
+    "sampling-rate": ("sampling_rate", flags.DEFINE_float, "Poisson sampling rate q, in (0, 1]"),
+    "neighbors": ("num_neighbors", flags.DEFINE_integer, "neighbours k averaged per query"),
+    "queries": ("num_queries", flags.DEFINE_integer, "number of queries T"),
+    "epsilon": ("epsilon_budget", flags.DEFINE_float, "target epsilon"),
+    "delta": ("delta", flags.DEFINE_float, "delta; default 1/N (--dataset-size)"),
+    "dataset-size": ("dataset_size", flags.DEFINE_integer, "N, records in the private set"),
+    "embedding-dim": ("embedding_dim", flags.DEFINE_integer, "embedding dimension d"),
+}
+
+
+def _define_privacy(fv: flags.FlagValues, names, accountants=("rdp", "pld"), default_acc=None):
+  for name in names:
+    _, define, help_text = _PRIVACY_FLAGS[name]
+    define(name, None, help_text, flag_values=fv)
+  flags.DEFINE_enum("accountant", default_acc, list(accountants),
+                    "accountant (default: the config's, else pld)", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+def _value(fv, config, name: str, default=None):
+  """A flag's value, else the config's privacy field, else `default`, else a usage error."""
+  value = fv[name].value
+  field = _PRIVACY_FLAGS[name][0]
+  if value is None and config is not None:
+    value = config.privacy[field]
+  if value is None:
+    value = default
+  if value is None:
+    raise UsageError(f"--{name} is required (or give --config with privacy.{field})")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise UsageError(f"--{name} must be a finite number, got {value}")
+  return value
+
+
+def _delta(fv, config) -> tuple[float, str]:
+  """delta and where it came from: given, the config's, or 1/N."""
+  if fv["delta"].value is not None or (config is not None and config.privacy.delta is not None):
+    return accounting.check_delta(_value(fv, config, "delta")), "given"
+  if fv["dataset-size"].value is None and config is None:
+    raise UsageError("give --delta, or --dataset-size N for the default delta = 1/N")
+  n = _value(fv, config, "dataset-size")
+  if n < 1:
+    raise UsageError(f"--dataset-size must be >= 1, got {n}")
+  return 1.0 / n, f"1/N, N = {n:,}"
+
+
+def _accountant(fv, config) -> str:
+  return fv.accountant or (config.privacy.accountant if config is not None else "pld")
+
+
+def _mechanism(fv, config) -> accounting.Mechanism:
+  return accounting.Mechanism(_value(fv, config, "sigma"), _value(fv, config, "sampling-rate"),
+                              _value(fv, config, "neighbors"))
+
+
+def _describe(m: accounting.Mechanism) -> str:
+  return (f"k = {m.num_neighbors} neighbours of a q = {m.sampling_rate:g} Poisson subsample, "
+          f"noise sigma = {m.noise_std:g} (noise multiplier z = k*sigma/2 = {m.noise_multiplier:.4g})")
+
+
+@command("privacy", "epsilon", "epsilon of T queries (RDP and PLD)",
+         lambda fv: _define_privacy(fv, ["sigma", "sampling-rate", "neighbors", "queries", "delta",
+                                         "dataset-size"], ("rdp", "pld", "both"), "both"))
+def _privacy_epsilon(fv, config):
+  mechanism = _mechanism(fv, config)
+  queries = accounting.check_queries(_value(fv, config, "queries"))
+  delta, delta_source = _delta(fv, config)
+  chosen = accounting.ACCOUNTANTS if fv.accountant == "both" else (fv.accountant,)
+  eps = {acc: accounting.history_epsilon({mechanism: queries}, delta, acc) if acc in chosen else None
+         for acc in accounting.ACCOUNTANTS}
+  lines = [f"Privacy cost of T = {queries:,} queries, each with {_describe(mechanism)}.",
+           f"At delta = {delta:.3g} ({delta_source}), {ADJACENCY} adjacency:"]
+  lines += [f"  epsilon ({acc.upper()}) = {_fmt_eps(e)}" for acc, e in eps.items() if e is not None]
+  return "\n".join(lines), {
+      "epsilon_rdp": None if eps["rdp"] is None else _json_number(eps["rdp"]),
+      "epsilon_pld": None if eps["pld"] is None else _json_number(eps["pld"]),
+      "delta": delta, "delta_source": delta_source, "noise_multiplier": mechanism.noise_multiplier,
+      "sigma": mechanism.noise_std, "sampling_rate": mechanism.sampling_rate,
+      "num_neighbors": mechanism.num_neighbors, "queries": queries,
+      "adjacency": "add_or_remove_one"}
+
+
+def _define_calibrate(fv):
+  _define_privacy(fv, ["epsilon", "sigma", "sampling-rate", "neighbors", "queries", "delta",
+                       "dataset-size"])
+  flags.DEFINE_enum("solve", "sigma", ["sigma", "queries", "sampling-rate"],
+                    "the knob to solve for; the others are given", flag_values=fv)
+
+
+@command("privacy", "calibrate", "the sigma (or T, or q) that meets a target epsilon",
+         _define_calibrate)
+def _privacy_calibrate(fv, config):
+  target = accounting.check_epsilon(_value(fv, config, "epsilon"))
+  delta, delta_source = _delta(fv, config)
+  acc = _accountant(fv, config)
+  k = accounting.check_neighbors(_value(fv, config, "neighbors"))
+  if fv.solve == "sigma":
+    q = _value(fv, config, "sampling-rate")
+    queries = _value(fv, config, "queries")
+    mechanism = accounting.Mechanism(
+        accounting.calibrate_noise_std(target, q, k, queries, delta, acc), q, k)
+  elif fv.solve == "queries":
+    mechanism = _mechanism(fv, config)
+    queries = accounting.max_queries(mechanism, target, delta, acc)
+  else:
+    sigma = _value(fv, config, "sigma")
+    queries = _value(fv, config, "queries")
+    mechanism = accounting.Mechanism(
+        sigma, accounting.calibrate_sampling_rate(target, sigma, k, queries, delta, acc), k)
+  achieved = accounting.history_epsilon({mechanism: queries}, delta, acc) if queries else 0.0
+  solved = {"sigma": f"sigma = {mechanism.noise_std:.6g}",
+            "queries": f"T = {queries:,} queries at most",
+            "sampling-rate": f"q = {mechanism.sampling_rate:.6g} at most"}[fv.solve]
+  text = (f"{solved}\n  for epsilon <= {target:g} at delta = {delta:.3g} ({delta_source}), "
+          f"{acc.upper()} accountant, {ADJACENCY} adjacency\n"
+          f"  with T = {queries:,} queries, each with {_describe(mechanism)}\n"
+          f"  achieved epsilon = {achieved:.4f}")
+  return text, {"solve": fv.solve, "sigma": mechanism.noise_std,
+                "sampling_rate": mechanism.sampling_rate, "num_neighbors": k, "queries": queries,
+                "noise_multiplier": mechanism.noise_multiplier, "epsilon_target": target,
+                "epsilon": achieved, "delta": delta, "delta_source": delta_source,
+                "accountant": acc, "adjacency": "add_or_remove_one"}
+
+
+def _define_plan(fv):
+  _define_privacy(fv, ["dataset-size", "epsilon", "queries", "delta", "embedding-dim"])
+  flags.DEFINE_list("neighbors", "1,2,4,8,16,32,64", "values of k", flag_values=fv)
+  flags.DEFINE_list("sampling-rates", "0.001,0.01,0.1,1", "values of q", flag_values=fv)
+
+
+def _numbers(fv, name, kind):
+  try:
+    values = [kind(v) for v in fv[name].value]
+  except ValueError:
+    raise UsageError(f"--{name} must be a comma-separated list of numbers") from None
+  if not values:
+    raise UsageError(f"--{name} is empty")
+  return values
+
+
+@command("privacy", "plan", "the noise each (k, q) needs for T queries within a target epsilon",
+         _define_plan)
+def _privacy_plan(fv, config):
+  n = _value(fv, config, "dataset-size")
+  if n < 1:
+    raise UsageError(f"--dataset-size must be >= 1, got {n}")
+  target = accounting.check_epsilon(_value(fv, config, "epsilon"))
+  queries = accounting.check_queries(_value(fv, config, "queries", default=1000))
+  dim = _value(fv, config, "embedding-dim", default=512)
+  delta, delta_source = _delta(fv, config)
+  qs = [accounting.check_sampling_rate(q) for q in _numbers(fv, "sampling-rates", float)]
+  ks = [accounting.check_neighbors(k) for k in _numbers(fv, "neighbors", int)]
+  steps = iter(range(1, 2 * len(qs) + 1))
+  rows = accounting.plan(n, target, queries, delta, qs, ks, dim, progress=lambda msg: print(
+      f"[{next(steps)}/{2 * len(qs)}] {msg}", file=sys.stderr, flush=True))
+  lines = [
+      f"Noise for T = {queries:,} queries within epsilon = {target:g} at delta = {delta:.3g} "
+      f"({delta_source}), {ADJACENCY} adjacency, N = {n:,}.",
+      "sigma: std of the noise added to the mean of k clipped neighbours (norm <= 1); "
+      "z = k*sigma/2.",
+      f"sigma*sqrt(d): expected norm of that noise, d = {dim}. q*N: mean subsample size "
+      "('<k': slots often empty).",
+      f"{'q':>7} {'q*N':>10} {'k':>4} {'z RDP':>8} {'sigma RDP':>10} {'z PLD':>8} "
+      f"{'sigma PLD':>10} {'sigma*sqrt(d)':>14}"]
+  for r in rows:
+    note = "  <k" if r.expected_subsample < r.num_neighbors else ""
+    lines.append(f"{r.sampling_rate:>7g} {r.expected_subsample:>10,.0f} {r.num_neighbors:>4} "
+                 f"{r.noise_multiplier_rdp:>8.4f} {r.noise_std_rdp:>10.5f} "
+                 f"{r.noise_multiplier_pld:>8.4f} {r.noise_std_pld:>10.5f} "
+                 f"{r.noise_norm_pld:>14.3f}{note}")
+  return "\n".join(lines), {
+      "dataset_size": n, "epsilon": target, "queries": queries, "delta": delta,
+      "delta_source": delta_source, "embedding_dim": dim, "adjacency": "add_or_remove_one",
+      "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+def _define_status(fv):
+  flags.DEFINE_string("ledger", None, "path of the budget ledger file", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("budget", "status", "spent and remaining epsilon of each dataset in a ledger",
+         _define_status)
+def _budget_status(fv, config):
+  if not fv.ledger:
+    raise UsageError("--ledger is required")
+  with ledger_lib.Ledger(fv.ledger) as ledger:
+    found = ledger.status()
+  lines = [f"Ledger {fv.ledger}: {len(found)} dataset(s); epsilon at each dataset's delta, "
+           f"{ADJACENCY} adjacency."]
+  for s in found:
+    b = s.budget
+    lines.append(f"  {b.fingerprint}: {s.queries:,} queries, epsilon spent {s.epsilon_spent:.4f} of "
+                 f"{b.epsilon_budget:g}, remaining {s.epsilon_remaining:.4f} "
+                 f"(delta = {b.delta:.3g}, {b.accountant.upper()})")
+  return "\n".join(lines), {"ledger": fv.ledger, "datasets": [
+      {"fingerprint": s.budget.fingerprint, "queries": s.queries,
+       "epsilon_spent": s.epsilon_spent, "epsilon_remaining": s.epsilon_remaining,
+       "epsilon_budget": s.budget.epsilon_budget, "delta": s.budget.delta,
+       "accountant": s.budget.accountant} for s in found]}
+
+
+def _usage() -> str:
+  lines = ["usage: dprdm GROUP ACTION [--flags]   (dprdm GROUP ACTION --help for the flags)", ""]
+  lines += [f"  {g} {a:<10} {c.help}" for (g, a), c in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  """Runs one action; returns the exit status (0 ok, 2 bad input)."""
+  if len(argv) < 3 or argv[1] in ("-h", "--help") or (argv[1], argv[2]) not in COMMANDS:
+    asked_help = len(argv) > 1 and argv[1] in ("-h", "--help")
+    print(_usage(), file=sys.stdout if asked_help else sys.stderr)
+    return 0 if asked_help else 2
+  name = f"dprdm {argv[1]} {argv[2]}"
+  cmd = COMMANDS[(argv[1], argv[2])]
+  args = [name] + argv[3:]
+  fv = flags.FlagValues()
+  cmd.define(fv)
+  if argv[1] == "privacy":
+    config_flags.DEFINE_config_file("config", None, "config file (FILE or FILE:ARG)",
+                                    flag_values=fv, sys_argv=args)
+  if any(a in ("-h", "--help", "-help") for a in args[1:]):
+    print(f"{name}: {cmd.help}\n{fv.get_help()}")
+    return 0
+  logging.set_verbosity(logging.ERROR)  # dp-accounting logs per-order convergence notes
+  try:
+    try:
+      rest = fv(args)
+      # config_flags applies overrides while parsing but loads the file lazily: touch it now.
+      config = fv["config"].value if "config" in fv else None
+      if config is not None:
+        config.privacy
+    except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+      raise UsageError(f"--config: the config has no field {str(e).strip(chr(34) + chr(39))!r}") \
+          from None
+    except (OSError, TypeError) as e:  # the config file itself
+      raise UsageError(f"--config: {e}") from None
+    if len(rest) > 1:
+      raise UsageError(f"unexpected argument {rest[1]!r}")
+    text, data = cmd.execute(fv, config)
+  except (flags.Error, UsageError, ValueError, ledger_lib.LedgerError) as e:
+    # Config errors arrive as multi-line reports with a traceback inside; the last line is the cause.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    print(f"{name}: error: {lines[-1]}", file=sys.stderr)
+    return 2
+  print(json.dumps(data, allow_nan=False) if fv.json else text)
+  return 0
+
+
+def run():
+  """The console script."""
+  sys.exit(main(sys.argv))

@@ -1,0 +1,61 @@
+"""Helpers shared by the configs in configs/ (which are files, not a package, so they import this).
+
+Configs follow big_vision: `get_config(arg)` takes one string such as "tiny" or "tiny,seed=3",
+parsed by `parse_arg` into typed fields, and every field can then be overridden on the command
+line with `--config.a.b=value`.
+"""
+
+import ast
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """Parses "flag,key=value,..." into a ConfigDict typed like `defaults`.
+
+  A bare name sets a boolean default to True. Unknown names and values of the wrong type are errors.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, _, text = item.partition("=")
+    if name not in defaults:
+      raise ValueError(f"unknown config argument {name!r}; known: {sorted(defaults)}")
+    default = defaults[name]
+    if not text:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {name!r} needs a value")
+      value = True
+    elif isinstance(default, str):
+      value = text
+    else:
+      value = ast.literal_eval(text)
+      if isinstance(default, float) and isinstance(value, int):
+        value = float(value)
+      if type(value) is not type(default):
+        raise ValueError(f"config argument {name}={text} is not a {type(default).__name__}")
+    parsed[name] = value
+  return parsed
+
+
+def privacy_config(*, dataset_size: int, embedding_dim: int, sampling_rate: float,
+                   num_neighbors: int, noise_std: float, interpolation: float,
+                   epsilon_budget: float, num_queries: int,
+                   accountant: str = "pld") -> ml_collections.ConfigDict:
+  """The privacy block of a config (SPEC section 2 notation in the comments).
+
+  delta is a placeholder: unset means 1/N, the paper's choice, with N = dataset_size.
+  """
+  return ml_collections.ConfigDict(dict(
+      dataset_size=dataset_size,  # N, records in the private retrieval set
+      embedding_dim=embedding_dim,  # d
+      sampling_rate=sampling_rate,  # q, Poisson subsampling probability per query
+      num_neighbors=num_neighbors,  # k
+      noise_std=noise_std,  # sigma, std of the Gaussian noise added to the mean of k neighbours
+      interpolation=interpolation,  # lambda, weight of the private part of the context
+      delta=config_dict.placeholder(float),  # None: 1/N
+      epsilon_budget=epsilon_budget,  # epsilon_max of the dataset's budget ledger
+      num_queries=num_queries,  # T, the queries the budget is planned for
+      accountant=accountant,  # "pld" (tighter) or "rdp"; both are reported
+  ))
+

@@ -1,0 +1,292 @@
+"""The privacy budget ledger (rule R5): every query is charged, durably, before it is answered.
+
+A ledger file holds, for each private dataset (named by the fingerprint of its embeddings), a
+budget (epsilon_max, delta, accountant), the secret seed of its key streams, the next unused query
+number, and every charge (sigma, q, k, count, first query number, time). `Ledger.charge` is the
+only way to obtain query numbers, and therefore keys (`keys.query_keys`), for a dataset.
+
+Formal guarantee. `charge(fingerprint, mechanism, count)` either raises `BudgetExceededError`
+without writing anything, or returns a `Grant` of `count` query numbers that no other grant of the
+same ledger has held or will hold, after the charge is committed and fsynced. The composed epsilon
+of all charges of a dataset, computed by its accountant at its delta, never exceeds its
+epsilon_max. A process that dies at any point after `charge` returns leaves the charge spent; one
+that dies before leaves nothing, and it never received keys. Concurrent processes and threads are
+serialised by the database's write lock, so none double-spends and no charge is lost.
+
+Why SQLite. The guarantee needs an atomic read-check-append across processes and a durable commit
+before release. SQLite gives both without a server: `BEGIN IMMEDIATE` takes the write lock before
+the budget is read, so the check and the append are one transaction; WAL mode with
+`synchronous=FULL` fsyncs the log on every commit, and a crash mid-transaction rolls back on the
+next open. Readers (`status`) never block the writer. The file must live on a local disk: SQLite's
+locks are unreliable on network file systems, so on a pod one process (or a service) owns the
+ledger and the others ask it.
+
+Cost of a charge. Checking a history of one setting compares an integer with a cached allowance
+(the largest T within budget, computed once per setting with `accounting.max_queries`); a mixed
+history runs the accountant on the composed history inside the transaction (about 0.05 s with RDP,
+0.3 s with PLD here).
+"""
+
+import dataclasses
+import os
+import secrets
+import sqlite3
+import time
+from typing import Optional
+
+import jax
+
+from dprdm_jax.privacy import accounting
+from dprdm_jax.privacy import keys
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE datasets (
+  fingerprint TEXT PRIMARY KEY,
+  epsilon_budget REAL NOT NULL,
+  delta REAL NOT NULL,
+  accountant TEXT NOT NULL,
+  seed TEXT NOT NULL,
+  next_query INTEGER NOT NULL,
+  created REAL NOT NULL
+);
+CREATE TABLE charges (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  fingerprint TEXT NOT NULL REFERENCES datasets(fingerprint),
+  noise_std REAL NOT NULL,
+  sampling_rate REAL NOT NULL,
+  num_neighbors INTEGER NOT NULL,
+  count INTEGER NOT NULL,
+  first_query INTEGER NOT NULL,
+  time REAL NOT NULL
+);
+CREATE INDEX charges_by_dataset ON charges (fingerprint);
+CREATE TABLE allowances (
+  fingerprint TEXT NOT NULL REFERENCES datasets(fingerprint),
+  noise_std REAL NOT NULL,
+  sampling_rate REAL NOT NULL,
+  num_neighbors INTEGER NOT NULL,
+  max_queries INTEGER NOT NULL,
+  PRIMARY KEY (fingerprint, noise_std, sampling_rate, num_neighbors)
+);
+"""
+
+
+class LedgerError(Exception):
+  """The ledger file is missing, corrupt, or asked something it cannot answer."""
+
+
+class BudgetExceededError(LedgerError):
+  """A charge would push a dataset's epsilon past its budget; nothing was charged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  fingerprint: str
+  epsilon_budget: float
+  delta: float
+  accountant: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+  """Query numbers first_query .. first_query + count - 1 of a dataset, charged and committed."""
+  fingerprint: str
+  mechanism: accounting.Mechanism
+  first_query: int
+  count: int
+  _seed: int = dataclasses.field(repr=False)
+
+  def keys(self, stream: keys.Stream) -> jax.Array:
+    """The (count,) keys of these queries in one stream (R3: never issued for any other query)."""
+    return keys.query_keys(self._seed, self.first_query, self.count, stream)
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  """What a dataset has spent, at its delta, under its accountant (epsilon_spent: 0 if unused)."""
+  budget: Budget
+  queries: int
+  epsilon_spent: float
+
+  @property
+  def epsilon_remaining(self) -> float:
+    return max(0.0, self.budget.epsilon_budget - self.epsilon_spent)
+
+
+class Ledger:
+  """A budget ledger file. Open one per process (or per thread); all methods are transactional."""
+
+  def __init__(self, path: str, create: bool = False, timeout_s: float = 600.0):
+    """Opens the ledger at `path`; creates it only when `create` is True.
+
+    Raises LedgerError if the file is missing (and not created), not a ledger, or corrupt.
+    """
+    self.path = os.fspath(path)
+    if not create and not os.path.isfile(self.path):
+      raise LedgerError(f"no ledger file at {self.path}")
+    try:
+      self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+      self._db.execute("PRAGMA journal_mode=WAL")
+      self._db.execute("PRAGMA synchronous=FULL")
+      self._db.execute("PRAGMA foreign_keys=ON")
+      with self._transaction():
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and create and not self._db.execute(
+            "SELECT name FROM sqlite_master").fetchall():
+          for statement in _SCHEMA.split(";")[:-1]:
+            self._db.execute(statement)
+          self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+          version = _SCHEMA_VERSION
+      if version != _SCHEMA_VERSION:
+        raise LedgerError(f"{self.path} is not a dprdm budget ledger (schema version {version})")
+      if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+        raise LedgerError(f"ledger {self.path} is corrupt (SQLite quick_check failed)")
+    except sqlite3.DatabaseError as e:
+      raise LedgerError(f"cannot read ledger {self.path}: {e}") from None
+
+  def close(self):
+    self._db.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _transaction(self):
+    return _Transaction(self._db)
+
+  def register(self, fingerprint: str, epsilon_budget: float, delta: float,
+               accountant: accounting.Accountant = "pld") -> Budget:
+    """Gives a dataset its budget; idempotent, but a budget, once set, can never change.
+
+    Raises LedgerError if the dataset is registered with a different budget, delta or accountant.
+    """
+    if not fingerprint:
+      raise LedgerError("a dataset fingerprint must be a non-empty string")
+    budget = Budget(fingerprint, accounting.check_epsilon(epsilon_budget),
+                    accounting.check_delta(delta), accounting.check_accountant(accountant))
+    with self._transaction():
+      existing = self._budget(fingerprint)
+      if existing is None:
+        self._db.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, 0, ?)",
+                         (fingerprint, budget.epsilon_budget, budget.delta, accountant,
+                          str(secrets.randbits(64)), time.time()))
+        return budget
+    if existing != budget:
+      raise LedgerError(f"dataset {fingerprint} already has the budget {existing}; a budget "
+                        f"cannot be changed (asked for {budget})")
+    return existing
+
+  def _budget(self, fingerprint: str) -> Optional[Budget]:
+    row = self._db.execute(
+        "SELECT epsilon_budget, delta, accountant FROM datasets WHERE fingerprint = ?",
+        (fingerprint,)).fetchone()
+    return None if row is None else Budget(fingerprint, *row)
+
+  def _history(self, fingerprint: str) -> dict[accounting.Mechanism, int]:
+    rows = self._db.execute(
+        "SELECT noise_std, sampling_rate, num_neighbors, SUM(count) FROM charges "
+        "WHERE fingerprint = ? GROUP BY noise_std, sampling_rate, num_neighbors", (fingerprint,))
+    return {accounting.Mechanism(s, q, k): n for s, q, k, n in rows}
+
+  def _allowance(self, budget: Budget, mechanism: accounting.Mechanism) -> int:
+    """The largest number of `mechanism` queries the whole budget allows, cached in the file.
+
+    A cache miss runs `accounting.max_queries` (seconds with PLD); `charge` fills the cache before
+    it takes the write lock, so other processes go on charging meanwhile.
+    """
+    key = (budget.fingerprint, mechanism.noise_std, mechanism.sampling_rate, mechanism.num_neighbors)
+    row = self._db.execute(
+        "SELECT max_queries FROM allowances WHERE fingerprint = ? AND noise_std = ? AND "
+        "sampling_rate = ? AND num_neighbors = ?", key).fetchone()
+    if row is not None:
+      return row[0]
+    allowed = accounting.max_queries(mechanism, budget.epsilon_budget, budget.delta,
+                                     budget.accountant)
+    self._db.execute("INSERT OR IGNORE INTO allowances VALUES (?, ?, ?, ?, ?)", key + (allowed,))
+    return allowed
+
+  def charge(self, fingerprint: str, mechanism: accounting.Mechanism, count: int = 1) -> Grant:
+    """Charges `count` queries of `mechanism` to a dataset and returns their query numbers.
+
+    Call this before touching private data; release a result only after it returns.
+    Raises BudgetExceededError (naming the spent and remaining epsilon) if the charge would exceed
+    the budget, LedgerError if the dataset is not registered. See the module docstring for the
+    formal guarantee.
+    """
+    count = accounting.check_queries(count)
+    budget = self.budget(fingerprint)
+    if set(self._history(fingerprint)) <= {mechanism}:
+      self._allowance(budget, mechanism)  # outside the write lock: autocommit
+    with self._transaction():
+      history = self._history(fingerprint)
+      if set(history) <= {mechanism}:
+        within = history.get(mechanism, 0) + count <= self._allowance(budget, mechanism)
+      else:
+        after = dict(history)
+        after[mechanism] = after.get(mechanism, 0) + count
+        within = accounting.history_epsilon(after, budget.delta, budget.accountant) <= \
+            budget.epsilon_budget
+      if not within:
+        raise self._refusal(budget, history, mechanism, count)
+      seed, first = self._db.execute(
+          "SELECT seed, next_query FROM datasets WHERE fingerprint = ?", (fingerprint,)).fetchone()
+      self._db.execute("INSERT INTO charges (fingerprint, noise_std, sampling_rate, num_neighbors, "
+                       "count, first_query, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (fingerprint, mechanism.noise_std, mechanism.sampling_rate,
+                        mechanism.num_neighbors, count, first, time.time()))
+      self._db.execute("UPDATE datasets SET next_query = ? WHERE fingerprint = ?",
+                       (first + count, fingerprint))
+    return Grant(fingerprint, mechanism, first, count, int(seed))
+
+  def _refusal(self, budget, history, mechanism, count) -> BudgetExceededError:
+    spent = self._spent(budget, history)
+    after = dict(history)
+    after[mechanism] = after.get(mechanism, 0) + count
+    wanted = accounting.history_epsilon(after, budget.delta, budget.accountant)
+    return BudgetExceededError(
+        f"refused: {count} more quer{'y' if count == 1 else 'ies'} with sigma={mechanism.noise_std:g}, "
+        f"q={mechanism.sampling_rate:g}, k={mechanism.num_neighbors} would bring epsilon to "
+        f"{wanted:.4g}, over the budget {budget.epsilon_budget:g} of dataset {budget.fingerprint} "
+        f"(delta={budget.delta:.3g}, {budget.accountant.upper()}); spent epsilon {spent:.4g}, "
+        f"remaining epsilon {max(0.0, budget.epsilon_budget - spent):.4g}")
+
+  @staticmethod
+  def _spent(budget: Budget, history) -> float:
+    return accounting.history_epsilon(history, budget.delta, budget.accountant) if history else 0.0
+
+  def budget(self, fingerprint: str) -> Budget:
+    """The budget of a registered dataset (LedgerError if none)."""
+    budget = self._budget(fingerprint)
+    if budget is None:
+      raise LedgerError(f"dataset {fingerprint} has no budget in {self.path}; register it first")
+    return budget
+
+  def status(self) -> list[Status]:
+    """Spent and remaining epsilon of every dataset in the ledger."""
+    with self._transaction():
+      fingerprints = [r[0] for r in self._db.execute("SELECT fingerprint FROM datasets ORDER BY 1")]
+      found = [(self.budget(f), self._history(f)) for f in fingerprints]
+    return [Status(b, sum(h.values()), self._spent(b, h)) for b, h in found]
+
+  def charges(self, fingerprint: str) -> list[tuple[accounting.Mechanism, int, int]]:
+    """Every charge of a dataset in order: (mechanism, first query number, count)."""
+    rows = self._db.execute(
+        "SELECT noise_std, sampling_rate, num_neighbors, first_query, count FROM charges "
+        "WHERE fingerprint = ? ORDER BY id", (fingerprint,))
+    return [(accounting.Mechanism(s, q, k), first, n) for s, q, k, first, n in rows]
+
+
+class _Transaction:
+  """BEGIN IMMEDIATE ... COMMIT (fsynced in WAL + synchronous=FULL), ROLLBACK on any exception."""
+
+  def __init__(self, db: sqlite3.Connection):
+    self._db = db
+
+  def __enter__(self):
+    self._db.execute("BEGIN IMMEDIATE")
+
+  def __exit__(self, exc_type, exc, tb):
+    self._db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,158 @@
+"""The `dprdm` command: JSON outputs, config fall-backs, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dprdm_jax import cli
+from dprdm_jax.privacy import accounting
+from dprdm_jax.privacy import ledger as ledger_lib
+
+REFERENCE = ["--sigma", "0.2", "--sampling-rate", "0.01", "--neighbors", "18", "--queries", "1000",
+             "--delta", "1e-7"]
+
+
+def dprdm(capsys, *args):
+  status = cli.main(["dprdm", *args])
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def test_epsilon_json(capsys):
+  status, out, _ = dprdm(capsys, "privacy", "epsilon", *REFERENCE, "--json")
+  assert status == 0
+  result = json.loads(out)
+  assert result["epsilon_rdp"] == pytest.approx(0.997, rel=0.02)
+  assert result["epsilon_pld"] < result["epsilon_rdp"]
+  assert result["delta"] == 1e-7 and result["noise_multiplier"] == pytest.approx(1.8)
+
+
+def test_epsilon_text_names_delta_and_adjacency(capsys):
+  status, out, _ = dprdm(capsys, "privacy", "epsilon", *REFERENCE[:-2], "--dataset-size", "50000",
+                         "--accountant", "rdp")
+  assert status == 0
+  assert "delta = 2e-05 (1/N, N = 50,000)" in out and "add-or-remove-one" in out
+  assert "epsilon (RDP)" in out and "PLD" not in out
+
+
+def test_calibrate_solves_each_knob(capsys):
+  args = ["privacy", "calibrate", "--epsilon", "1", "--sampling-rate", "0.01", "--neighbors", "18",
+          "--queries", "1000", "--delta", "1e-7", "--accountant", "rdp", "--json"]
+  status, out, _ = dprdm(capsys, *args)
+  assert status == 0
+  sigma = json.loads(out)["sigma"]
+  expected = accounting.calibrate_noise_std(1.0, 0.01, 18, 1000, 1e-7, "rdp")
+  assert sigma == pytest.approx(expected, rel=1e-9)
+  status, out, _ = dprdm(capsys, *args, "--solve", "queries", "--sigma", "0.2")
+  assert json.loads(out)["queries"] == accounting.max_queries(
+      accounting.Mechanism(0.2, 0.01, 18), 1.0, 1e-7, "rdp")
+  status, out, _ = dprdm(capsys, *args, "--solve", "sampling-rate", "--sigma", "0.2")
+  assert json.loads(out)["sampling_rate"] == pytest.approx(0.01, rel=0.01)
+
+
+def test_plan_json(capsys):
+  status, out, err = dprdm(capsys, "privacy", "plan", "--dataset-size", "1000", "--epsilon", "1",
+                           "--queries", "100", "--sampling-rates", "1", "--neighbors", "2,8",
+                           "--json")
+  assert status == 0 and "[2/2]" in err  # progress goes to stderr
+  rows = json.loads(out)["rows"]
+  assert [r["num_neighbors"] for r in rows] == [2, 8]
+  assert rows[0]["noise_std_pld"] == pytest.approx(4 * rows[1]["noise_std_pld"])
+
+
+def test_config_fills_flags_and_overrides_apply(capsys):
+  status, out, _ = dprdm(capsys, "privacy", "epsilon", "--config", "configs/default.py:tiny",
+                         "--config.privacy.noise_std=0.3", "--queries", "7", "--json")
+  assert status == 0
+  result = json.loads(out)
+  assert result["sigma"] == 0.3 and result["queries"] == 7
+  assert result["delta"] == 1 / 1000 and result["delta_source"] == "1/N, N = 1,000"
+
+
+def test_budget_status(capsys, tmp_path):
+  path = tmp_path / "ledger.db"
+  mechanism = accounting.Mechanism(0.5, 0.01, 8)
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("abc123", 2.0, 1e-5, "rdp")
+    ledger.charge("abc123", mechanism, 40)
+  status, out, _ = dprdm(capsys, "budget", "status", "--ledger", str(path), "--json")
+  assert status == 0
+  [row] = json.loads(out)["datasets"]
+  spent = accounting.history_epsilon({mechanism: 40}, 1e-5, "rdp")
+  assert row["queries"] == 40 and row["epsilon_spent"] == pytest.approx(spent)
+  assert row["epsilon_remaining"] == pytest.approx(2.0 - spent)
+
+
+BAD = [
+    (["--neighbors", "0"], "num_neighbors (k) must be an integer >= 1"),
+    (["--neighbors", "-3"], "num_neighbors (k) must be an integer >= 1"),
+    (["--sampling-rate", "0"], "sampling_rate (q) must lie in (0, 1]"),
+    (["--sampling-rate", "1.5"], "sampling_rate (q) must lie in (0, 1]"),
+    (["--sigma", "-0.1"], "noise_std (sigma) must be >= 0"),
+    (["--delta", "0"], "delta must lie in (0, 1)"),
+    (["--delta", "1"], "delta must lie in (0, 1)"),
+    (["--queries", "0"], "must be an integer >= 1"),
+    (["--sigma", "nan"], "must be a finite number"),
+    (["--sampling-rate", "inf"], "must be a finite number"),
+    (["--queries", "ten"], "invalid literal"),
+    (["--bogus", "1"], "Unknown command line flag 'bogus'"),
+]
+
+
+def replace(args, change):
+  args = list(args)
+  for name, value in zip(change[::2], change[1::2]):
+    if name in args:
+      args[args.index(name) + 1] = value
+    else:
+      args += [name, value]
+  return args
+
+
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_input_exits_2_with_one_line(capsys, change, message):
+  status, out, err = dprdm(capsys, "privacy", "epsilon", *replace(REFERENCE, change))
+  assert status == 2 and out == ""
+  assert err.count("\n") == 1 and message in err and err.startswith("dprdm privacy epsilon: error:")
+
+
+@pytest.mark.parametrize("config,message", [
+    (["--config", "configs/nope.py"], "No such file"),
+    (["--config", "configs/default.py", "--config.privacy.nonsense=1"], "nonsense"),
+    (["--config", "configs/default.py:huge"], "unknown config argument 'huge'"),
+    (["--config", "configs/default.py", "--config.privacy.num_neighbors=abc"], "invalid literal"),
+])
+def test_bad_config_exits_2_with_one_line(capsys, config, message):
+  status, out, err = dprdm(capsys, "privacy", "epsilon", *config)
+  assert status == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_bad_ledger_exits_2(capsys, tmp_path):
+  status, _, err = dprdm(capsys, "budget", "status", "--ledger", str(tmp_path / "none.db"))
+  assert status == 2 and "no ledger file" in err and err.count("\n") == 1
+  junk = tmp_path / "junk.db"
+  junk.write_bytes(b"garbage" * 1000)
+  status, _, err = dprdm(capsys, "budget", "status", "--ledger", str(junk))
+  assert status == 2 and "cannot read ledger" in err and err.count("\n") == 1
+
+
+def test_console_script_runs_without_traceback():
+  """The installed entry point, in a process of its own."""
+  bad = subprocess.run([sys.executable, "-c", "from dprdm_jax import cli; cli.run()", "privacy",
+                        "epsilon", *replace(REFERENCE, ["--neighbors", "0"])],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().endswith("num_neighbors (k) must be an integer >= 1, got 0")
+  good = subprocess.run([sys.executable, "-c", "from dprdm_jax import cli; cli.run()", "privacy",
+                         "epsilon", *REFERENCE, "--json", "--accountant", "rdp"],
+                        capture_output=True, text=True)
+  assert good.returncode == 0 and json.loads(good.stdout)["epsilon_pld"] is None
+
+
+def test_unknown_command_and_help(capsys):
+  status, _, err = dprdm(capsys, "privacy", "nothing")
+  assert status == 2 and "usage: dprdm" in err
+  status, out, _ = dprdm(capsys, "--help")
+  assert status == 0 and "privacy epsilon" in out and "budget status" in out

@@ -1,0 +1,63 @@
+"""Configs: get_config(arg), typed arguments, command-line overrides, the privacy block."""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from dprdm_jax import config_lib
+from dprdm_jax.privacy import accounting
+
+CONFIGS = ["configs/default.py", "configs/default.py:tiny", "configs/coco.py"]
+
+
+def load(path, *overrides):
+  fv = flags.FlagValues()
+  argv = ["prog", f"--config={path}", *overrides]
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_privacy_block_is_complete_and_valid(path):
+  privacy = load(path).privacy
+  for field in ("sampling_rate", "num_neighbors", "noise_std", "interpolation", "delta",
+                "epsilon_budget", "accountant"):
+    assert field in privacy
+  accounting.Mechanism(privacy.noise_std, privacy.sampling_rate, privacy.num_neighbors)
+  accounting.check_accountant(privacy.accountant)
+  assert 0 <= privacy.interpolation <= 1
+
+
+@pytest.mark.parametrize("path", ["configs/default.py", "configs/coco.py"])
+def test_documented_settings_fit_their_budget(path):
+  """Each config's planned T queries stay within its own budget at delta = 1/N."""
+  privacy = load(path).privacy
+  mechanism = accounting.Mechanism(privacy.noise_std, privacy.sampling_rate, privacy.num_neighbors)
+  eps = accounting.history_epsilon({mechanism: privacy.num_queries}, 1 / privacy.dataset_size,
+                                   privacy.accountant)
+  assert eps <= privacy.epsilon_budget
+
+
+def test_overrides_reach_every_field():
+  config = load("configs/default.py", "--config.privacy.delta=1e-6",
+                "--config.privacy.num_neighbors=4", "--config.seed=9")
+  assert config.privacy.delta == 1e-6 and config.privacy.num_neighbors == 4 and config.seed == 9
+
+
+def test_unknown_override_is_an_error():
+  with pytest.raises(AttributeError, match="nonsense"):
+    load("configs/default.py", "--config.privacy.nonsense=1")
+
+
+def test_parse_arg_types_and_errors():
+  arg = config_lib.parse_arg("tiny,seed=3,name=x,rate=2", tiny=False, seed=0, name="", rate=0.5)
+  assert arg.tiny is True and arg.seed == 3 and arg.name == "x" and arg.rate == 2.0
+  with pytest.raises(ValueError, match="unknown config argument"):
+    config_lib.parse_arg("huge", tiny=False)
+  with pytest.raises(ValueError, match="is not a int"):
+    config_lib.parse_arg("seed=1.5", seed=0)
+  with pytest.raises(ValueError, match="needs a value"):
+    config_lib.parse_arg("seed", seed=0)
