@@ -26,10 +26,19 @@ tokens equals attention to one, so the compact (B, 1, d) context is returned; wr
 repeat would cost as much memory traffic as reading the input.
 """
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _clip_scales(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-row factors that scale x (..., d) to L2 norm <= 1, and whether each row is finite."""
+  sq = jnp.sum(x * x, axis=-1)
+  scale = jnp.minimum(1.0, jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(jnp.float32).tiny)))
+  return scale, jnp.isfinite(sq)
 
 
 def clip_to_unit_ball(x: jax.Array) -> jax.Array:
@@ -39,9 +48,25 @@ def clip_to_unit_ball(x: jax.Array) -> jax.Array:
   dtype or values, including bfloat16 rows whose rounding pushed them above 1.
   """
   x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  scale = jnp.minimum(1.0, 1.0 / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
-  return jnp.where(jnp.isfinite(norm), x * scale, 0.0)
+  scale, finite = _clip_scales(x)
+  return jnp.where(finite[..., None], x * scale[..., None], 0.0)
+
+
+def clipped_mean(neighbors: jax.Array, valid: jax.Array) -> jax.Array:
+  """(1/k) * sum of the clipped valid rows of neighbors (..., k, d), in float32.
+
+  Guarantee: the statistic of L2 sensitivity 2/k under add-or-remove-one (module docstring). Invalid
+  and non-finite rows count as zero vectors; the divisor is always k.
+  """
+  x = neighbors.astype(jnp.float32)
+  scale, finite = _clip_scales(x)
+  usable = valid & finite
+  weight = jnp.where(usable, scale, 0.0) / x.shape[-2]
+  # 0 * nan is nan, so a non-finite row needs a select on x; skip that pass when none exists.
+  return jax.lax.cond(
+      jnp.all(finite),
+      lambda: jnp.einsum("...k,...kd->...d", weight, x),
+      lambda: jnp.einsum("...k,...kd->...d", weight, jnp.where(usable[..., None], x, 0.0)))
 
 
 def _normalise(x: jax.Array) -> jax.Array:
@@ -49,34 +74,73 @@ def _normalise(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def noisy_mean(neighbors: jax.Array, valid: jax.Array, noise_key: jax.Array,
-               noise_std: jax.Array) -> jax.Array:
-  """One query's noisy mean m~ (d,) of its neighbours (k, d) with validity mask (k,).
+def _blocked_clipped_mean(neighbors, valid, block_size):
+  """clipped_mean over the batch in blocks of block_size queries (same result, better locality)."""
+  b = neighbors.shape[0]
+  if block_size is None or block_size >= b:
+    return clipped_mean(neighbors, valid)
+  n = b // block_size
+  blocks = jax.tree.map(lambda a: a[:n * block_size].reshape(n, block_size, *a.shape[1:]),
+                        (neighbors, valid))
+  means = jax.lax.map(lambda a: clipped_mean(*a), blocks).reshape(n * block_size, -1)
+  if n * block_size < b:
+    means = jnp.concatenate([means, clipped_mean(neighbors[n * block_size:], valid[n * block_size:])])
+  return means
 
-  Guarantee: the Gaussian mechanism on a statistic of L2 sensitivity 2/k (module docstring), with
-  noise N(0, noise_std^2 I) drawn from noise_key alone.
+
+# On a CPU the kernel reads each neighbour twice (its norm, then the weighted sum). A batch larger
+# than _CPU_FLAT_BYTES is processed in blocks of about _CPU_BLOCK_BYTES, so that the second read
+# hits the cache (1.8x at k = 64, d = 384, B = 1024 on 2 cores; measured with block_size=None).
+_CPU_FLAT_BYTES = 8 << 20
+_CPU_BLOCK_BYTES = 1 << 20
+
+
+def default_block_size(neighbors: jax.Array) -> Optional[int]:
+  """Queries per block for `aggregate` on this input: blocks for large batches on one CPU device.
+
+  A batch sharded over several devices is not blocked: a loop over a sharded axis would gather it.
   """
-  k, d = neighbors.shape
-  slots = jnp.where(valid[:, None], clip_to_unit_ball(neighbors), 0.0)
-  mean = jnp.sum(slots, axis=0) / k
-  return mean + noise_std * jax.random.normal(noise_key, (d,), jnp.float32)
+  if jax.default_backend() != "cpu" or isinstance(neighbors, jax.core.Tracer):
+    return None
+  sharding = getattr(neighbors, "sharding", None)
+  if sharding is not None and len(sharding.device_set) > 1:
+    return None
+  b, k, d = neighbors.shape
+  row = k * d * 4  # bytes of one query's neighbours in float32
+  if b * row <= _CPU_FLAT_BYTES:
+    return None
+  return 2 ** int(np.log2(max(1, _CPU_BLOCK_BYTES // row)))
 
 
-def _context(neighbors, valid, query, noise_key, noise_std, interpolation, public_neighbors):
-  private = noisy_mean(neighbors, valid, noise_key, noise_std)
-  other = _normalise(query)[None] if public_neighbors is None else public_neighbors.astype(jnp.float32)
-  return interpolation * private[None] + (1.0 - interpolation) * other
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def _aggregate(neighbors, valid, queries, noise_keys, noise_std, interpolation, public_neighbors,
+               block_size):
+  b, k, d = neighbors.shape
+  if valid.shape != (b, k) or queries.shape != (b, d) or noise_keys.shape != (b,):
+    raise ValueError(
+        f"shapes disagree: neighbors {neighbors.shape}, valid {valid.shape} (want {(b, k)}), "
+        f"queries {queries.shape} (want {(b, d)}), noise_keys {noise_keys.shape} (want {(b,)})")
+  if public_neighbors is not None and public_neighbors.shape != neighbors.shape:
+    raise ValueError(f"public_neighbors {public_neighbors.shape} must match neighbors {neighbors.shape}")
+  noise_std = jnp.asarray(noise_std, jnp.float32)
+  interpolation = jnp.asarray(interpolation, jnp.float32)
+  means = _blocked_clipped_mean(neighbors, valid.astype(bool), block_size)
+  noise = jax.vmap(lambda key: jax.random.normal(key, (d,), jnp.float32))(noise_keys)
+  private = (means + noise_std * noise)[:, None]  # (B, 1, d): m~ of each query
+  other = _normalise(queries)[:, None] if public_neighbors is None else public_neighbors.astype(
+      jnp.float32)
+  return interpolation * private + (1.0 - interpolation) * other
 
 
-@jax.jit
 def aggregate(neighbors: jax.Array,
               valid: jax.Array,
               queries: jax.Array,
               noise_keys: jax.Array,
               noise_std: jax.Array,
               interpolation: jax.Array,
-              public_neighbors: Optional[jax.Array] = None) -> jax.Array:
-  """The DP-RDM cross-attention context for a batch of queries.
+              public_neighbors: Optional[jax.Array] = None,
+              block_size: Optional[int] = -1) -> jax.Array:
+  """The DP-RDM cross-attention context for a batch of queries (one jitted function).
 
   Args:
     neighbors: (B, k, d) retrieved private embeddings, float32 or bfloat16, any norm.
@@ -87,6 +151,8 @@ def aggregate(neighbors: jax.Array,
     interpolation: lambda in [0, 1], the weight of the private part (a scalar).
     public_neighbors: optional (B, k, d) public neighbours that replace the query in the
       interpolation.
+    block_size: queries per block of the loop over the batch, None for no loop, -1 (default) for
+      `default_block_size`. Speed only: every block size gives the same output.
 
   Returns:
     float32 context, (B, 1, d) without public neighbours, else (B, k, d).
@@ -94,15 +160,7 @@ def aggregate(neighbors: jax.Array,
   Guarantee: each query's output is post-processing of the Gaussian mechanism with L2 sensitivity
   2/k and noise multiplier k*sigma/2 (module docstring), given an R1 retrieval and fresh keys.
   """
-  b, k, d = neighbors.shape
-  if valid.shape != (b, k) or queries.shape != (b, d) or noise_keys.shape != (b,):
-    raise ValueError(
-        f"shapes disagree: neighbors {neighbors.shape}, valid {valid.shape} (want {(b, k)}), "
-        f"queries {queries.shape} (want {(b, d)}), noise_keys {noise_keys.shape} (want {(b,)})")
-  if public_neighbors is not None and public_neighbors.shape != neighbors.shape:
-    raise ValueError(f"public_neighbors {public_neighbors.shape} must match neighbors {neighbors.shape}")
-  noise_std = jnp.asarray(noise_std, jnp.float32)
-  interpolation = jnp.asarray(interpolation, jnp.float32)
-  per_query = jax.vmap(_context, in_axes=(0, 0, 0, 0, None, None, None if public_neighbors is None else 0))
-  return per_query(neighbors, valid.astype(bool), queries, noise_keys, noise_std, interpolation,
-                   public_neighbors)
+  if block_size == -1:
+    block_size = default_block_size(neighbors)
+  return _aggregate(neighbors, valid, queries, noise_keys, noise_std, interpolation,
+                    public_neighbors, block_size)

@@ -178,3 +178,18 @@ def test_sharded_batch_equals_unsharded():
                         None if pub is None else put(pub))
     assert got.sharding.spec[0] == "data"
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
+
+
+def test_block_size_changes_speed_not_results():
+  rng = np.random.default_rng(8)
+  b, k, d = 37, 8, 16
+  x = rng.normal(size=(b, k, d)).astype(np.float32)
+  valid = rng.random((b, k)) < 0.7
+  q = rng.normal(size=(b, d)).astype(np.float32)
+  nk = noise_keys(b)
+  flat = np.asarray(agg.aggregate(x, valid, q, nk, 0.3, 0.6, block_size=None))
+  for block in (1, 5, 16, -1):  # 5 and 16 leave a remainder block
+    np.testing.assert_allclose(np.asarray(agg.aggregate(x, valid, q, nk, 0.3, 0.6, block_size=block)),
+                               flat, atol=1e-6)
+  assert agg.default_block_size(jnp.zeros((1024, 64, 512))) == 8
+  assert agg.default_block_size(jnp.zeros((1024, 4, 384))) is None  # 6 MB: one pass

@@ -151,3 +151,11 @@ def test_nothing_is_released_after_the_budget_refuses(tmp_path):
   assert all(line.startswith("refused: ") and "remaining epsilon" in line for line in tail)
   with ledger_lib.Ledger(path) as ledger:
     assert ledger.status()[0].queries == allowance
+
+
+def test_commits_are_fsynced_write_ahead_log(tmp_path):
+  """A SIGKILL cannot lose a committed charge (the page cache survives it), a power cut can: the
+  log must be fsynced at each commit, which SQLite does in WAL mode with synchronous=FULL (2)."""
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as ledger:
+    assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2

@@ -1,0 +1,144 @@
+"""Wall time of the privacy accountant: epsilon of a long history and one noise calibration.
+
+What is measured, with `dprdm_jax.privacy.accounting` (Google's dp-accounting underneath):
+
+- epsilon of T = 100,000 queries of sigma = 0.2, q = 0.01, k = 18 at delta = 1e-7
+  (`history_epsilon`), with the RDP and with the PLD accountant: median seconds of --reps runs;
+- one calibration, `calibrate_noise_std` for target epsilon 1.0, q = 0.01, k = 18, T = 1000,
+  delta = 1e-7, with RDP and with PLD: median seconds of --calibration_reps runs.
+
+Peer, measured in the same run: the DP-RDM authors' accountant, Opacus' RDP analysis
+(`compute_rdp` + `get_privacy_spent` over Opacus' default orders for epsilon, and
+`opacus.accountants.utils.get_noise_multiplier` with its default tolerance of 0.01 in epsilon for
+calibration), on the same Poisson-subsampled Gaussian with noise multiplier k*sigma/2. Opacus is in
+the `bench` extra.
+
+Run from the repository root:
+
+  python benchmarks/accounting.py
+
+About 10 seconds on a 2-core machine.
+"""
+
+import datetime
+from importlib import metadata
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+from opacus.accountants import rdp as opacus_rdp_accountant
+from opacus.accountants import utils as opacus_utils
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+import machine_info  # benchmarks/machine_info.py, beside this script
+from dprdm_jax.privacy import accounting
+
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions of each epsilon computation.")
+_CALIBRATION_REPS = flags.DEFINE_integer("calibration_reps", 1,
+                                         "Timed calibrations per accountant.")
+
+_SIGMA = 0.2
+_SAMPLING_RATE = 0.01
+_NEIGHBORS = 18
+_DELTA = 1e-7
+_LONG_HISTORY = 100_000
+_TARGET_EPSILON = 1.0
+_CALIBRATION_QUERIES = 1000
+
+
+def _timed(fn: Callable[[], float], reps: int) -> tuple[float, float]:
+  """(median seconds, result) of reps calls of fn."""
+  times, result = [], None
+  for _ in range(reps):
+    start = time.perf_counter()
+    result = fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), result
+
+
+def _opacus_epsilon() -> float:
+  """The authors' accountant: Opacus RDP for T queries of the same mechanism."""
+  z = _SIGMA * _NEIGHBORS / 2
+  orders = opacus_rdp_accountant.RDPAccountant.DEFAULT_ALPHAS
+  rdp = opacus_rdp.compute_rdp(q=_SAMPLING_RATE, noise_multiplier=z, steps=_LONG_HISTORY,
+                               orders=orders)
+  return opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=_DELTA)[0]
+
+
+def _opacus_sigma() -> float:
+  """The authors' calibration: Opacus' noise multiplier for the target, as sigma = 2z/k."""
+  z = opacus_utils.get_noise_multiplier(target_epsilon=_TARGET_EPSILON, target_delta=_DELTA,
+                                        sample_rate=_SAMPLING_RATE, steps=_CALIBRATION_QUERIES,
+                                        accountant="rdp")
+  return 2 * z / _NEIGHBORS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  logging.set_verbosity(logging.ERROR)  # dp-accounting's convergence warnings
+  load = machine_info.BackgroundLoad.started()
+  mechanism = accounting.Mechanism(_SIGMA, _SAMPLING_RATE, _NEIGHBORS)
+
+  results = []
+  for acc in accounting.ACCOUNTANTS:
+    seconds, eps = _timed(
+        lambda acc=acc: accounting.history_epsilon({mechanism: _LONG_HISTORY}, _DELTA, acc),
+        _REPS.value)
+    results.append((f"ours {acc.upper()} epsilon, T = {_LONG_HISTORY:,}", seconds,
+                    f"epsilon = {eps:.4f}"))
+  seconds, eps = _timed(_opacus_epsilon, _REPS.value)
+  results.append((f"Opacus RDP epsilon (peer), T = {_LONG_HISTORY:,}", seconds,
+                  f"epsilon = {eps:.4f}"))
+  for acc in accounting.ACCOUNTANTS:
+    seconds, sigma = _timed(
+        lambda acc=acc: accounting.calibrate_noise_std(
+            _TARGET_EPSILON, _SAMPLING_RATE, _NEIGHBORS, _CALIBRATION_QUERIES, _DELTA, acc),
+        _CALIBRATION_REPS.value)
+    check = accounting.history_epsilon(
+        {accounting.Mechanism(sigma, _SAMPLING_RATE, _NEIGHBORS): _CALIBRATION_QUERIES}, _DELTA,
+        acc)
+    results.append((f"ours {acc.upper()} calibrate_noise_std, T = {_CALIBRATION_QUERIES:,}",
+                    seconds, f"sigma = {sigma:.5f} (epsilon {check:.4f})"))
+  seconds, sigma = _timed(_opacus_sigma, _CALIBRATION_REPS.value)
+  check = accounting.history_epsilon(
+      {accounting.Mechanism(sigma, _SAMPLING_RATE, _NEIGHBORS): _CALIBRATION_QUERIES}, _DELTA, "rdp")
+  results.append((f"Opacus get_noise_multiplier (peer), T = {_CALIBRATION_QUERIES:,}", seconds,
+                  f"sigma = {sigma:.5f} (epsilon by our RDP {check:.4f})"))
+
+  print("Privacy accounting wall time (benchmarks/accounting.py)")
+  print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+  print(f"machine: {os.cpu_count()} CPUs, {machine_info.cpu_model()}")
+  print(f"versions: python {platform.python_version()}, "
+        f"dp-accounting {metadata.version('dp-accounting')}, numpy {metadata.version('numpy')}, "
+        f"scipy {metadata.version('scipy')}")
+  print(f"epsilon: sigma = {_SIGMA}, q = {_SAMPLING_RATE}, k = {_NEIGHBORS} "
+        f"(noise multiplier {mechanism.noise_multiplier:g}), delta = {_DELTA:g}, "
+        f"median of {_REPS.value} runs")
+  print(f"calibration: target epsilon {_TARGET_EPSILON}, q = {_SAMPLING_RATE}, k = {_NEIGHBORS}, "
+        f"delta = {_DELTA:g}, median of {_CALIBRATION_REPS.value} run(s); "
+        f"PLD discretisation {accounting.PLD_DISCRETIZATION:g}")
+  print(f"peer: Opacus {metadata.version('opacus')} (the DP-RDM authors' accountant)")
+  print()
+  width = max(len(name) for name, _, _ in results)
+  print(f"{'computation'.ljust(width)}  {'seconds':>9}  result")
+  print(f"{'-' * width}  {'-' * 9}  {'-' * 6}")
+  for name, seconds, result in results:
+    print(f"{name.ljust(width)}  {seconds:9.3f}  {result}")
+  seconds = [t for _, t, _ in results]  # ours RDP, PLD, Opacus; calibrations likewise
+  print()
+  print("ratios, Opacus seconds / ours (> 1: ours is faster):")
+  print(f"  epsilon at T = {_LONG_HISTORY:,}: RDP {seconds[2] / seconds[0]:.2f}, "
+        f"PLD {seconds[2] / seconds[1]:.2f}")
+  print(f"  calibration at T = {_CALIBRATION_QUERIES:,}: RDP {seconds[5] / seconds[3]:.2f}, "
+        f"PLD {seconds[5] / seconds[4]:.2f} (ours to 1e-4 in z, Opacus to 0.01 in epsilon)")
+  print(load.summary())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,67 @@
+"""Facts about the benchmark machine shared by the scripts in this folder.
+
+`cpu_model` names the processor; `BackgroundLoad` measures how much CPU time processes other than
+the benchmark used while it ran, so that a table measured on a busy machine says so.
+"""
+
+import os
+import platform
+import resource
+import time
+
+
+def cpu_model() -> str:
+  """The processor's model name from /proc/cpuinfo, or platform's guess."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def _busy_and_steal_seconds() -> tuple[float, float]:
+  """Machine-wide busy and stolen CPU seconds since boot, from /proc/stat."""
+  with open("/proc/stat") as f:
+    fields = [int(v) for v in f.readline().split()[1:]]
+  user, nice, system, _, _, irq, softirq, steal = (fields + [0] * 8)[:8]
+  tick = os.sysconf("SC_CLK_TCK")
+  return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def _own_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+class BackgroundLoad:
+  """CPU seconds used by other processes (and stolen by the hypervisor) between start and stop."""
+
+  def __init__(self):
+    self._start = None
+
+  def start(self) -> None:
+    self._start = (time.perf_counter(), *_busy_and_steal_seconds(), _own_seconds())
+
+  def summary(self) -> str:
+    """One line: wall seconds, other processes' CPU seconds and average cores, stolen seconds."""
+    if self._start is None:
+      return "background load: not measured (/proc/stat unreadable)"
+    wall0, busy0, steal0, own0 = self._start
+    wall = time.perf_counter() - wall0
+    busy, steal = _busy_and_steal_seconds()
+    other = max(0.0, (busy - busy0) - (_own_seconds() - own0))
+    return (f"background load during the run: other processes used {other:.1f} CPU-s in "
+            f"{wall:.1f} s wall ({other / wall:.2f} cores on average), steal {steal - steal0:.1f} "
+            f"CPU-s; figures are unreliable when this is well above 0")
+
+  @classmethod
+  def started(cls) -> "BackgroundLoad":
+    load = cls()
+    try:
+      load.start()
+    except (OSError, ValueError):
+      pass
+    return load
