@@ -11,6 +11,7 @@ the size of your private set. k = 16 neighbours of a 1% subsample with sigma = 0
 import ml_collections
 
 from dprdm_jax import config_lib
+from dprdm_jax.retrieval import index as index_lib
 
 
 def get_config(arg=None):
@@ -20,4 +21,8 @@ def get_config(arg=None):
   config.privacy = config_lib.privacy_config(
       dataset_size=118_287, embedding_dim=512, sampling_rate=0.01, num_neighbors=16, noise_std=0.11,
       interpolation=1.0, epsilon_budget=10.0, num_queries=10_000)
+  # Private retrieval is always exact (rule R1); these parameters serve `dprdm index build`, whose
+  # fast mode is for public data and non-private baselines.
+  config.retrieval = ml_collections.ConfigDict(dict(
+      index=index_lib.index_config(config.privacy.dataset_size)))
   return config.lock()

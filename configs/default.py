@@ -13,6 +13,7 @@ RDP 9.46) at delta = 1/60,000, inside the budget of 10.
 import ml_collections
 
 from dprdm_jax import config_lib
+from dprdm_jax.retrieval import index as index_lib
 
 
 def get_config(arg=None):
@@ -26,4 +27,8 @@ def get_config(arg=None):
     config.privacy.dataset_size = 1_000
     config.privacy.embedding_dim = 16
     config.privacy.num_queries = 10
+  # Private retrieval is always exact (rule R1); these parameters serve `dprdm index build`, whose
+  # fast mode is for public data and non-private baselines.
+  config.retrieval = ml_collections.ConfigDict(dict(
+      index=index_lib.index_config(config.privacy.dataset_size)))
   return config.lock()

@@ -1,24 +1,30 @@
 """The `dprdm` command: `dprdm GROUP ACTION [--flags]`, a thin layer over the library.
 
 Each action declares its absl flags in a fresh FlagValues, so actions never see each other's flags.
-Privacy actions also take `--config FILE[:ARG]` with `--config.privacy.x=y` overrides: a flag that
-is not given falls back to the config's privacy block. Bad input prints one line on stderr and
-exits with status 2; nothing prints a traceback for it.
+Privacy actions and `index build` also take `--config FILE[:ARG]` with `--config.a.b=y` overrides:
+a privacy flag that is not given falls back to the config's privacy block, and the index takes the
+config's retrieval.index parameters. Bad input prints one line on stderr and exits with status 2;
+nothing prints a traceback for it.
 """
 
 import dataclasses
 import json
 import math
+import pathlib
 import sys
+import time
 from typing import Callable, NamedTuple, Optional
 
 from absl import flags
 from absl import logging
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import ledger as ledger_lib
+from dprdm_jax.retrieval import index as index_lib
+from dprdm_jax.retrieval import store as store_lib
 
 ADJACENCY = "add-or-remove-one record"
 
@@ -256,6 +262,83 @@ def _budget_status(fv, config):
        "accountant": s.budget.accountant} for s in found]}
 
 
+def _define_index_build(fv):
+  flags.DEFINE_string("store", None, "embedding store directory to index", flag_values=fv)
+  flags.DEFINE_string("from-npy", None, "a raw (N, d) float32 .npy matrix; becomes a store with ids "
+                      "0..N-1 in OUT/store", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory: the index goes to OUT/index (and the store "
+                      "made from --from-npy to OUT/store)", flag_values=fv)
+  flags.DEFINE_enum("mode", None, ["auto", "exact", "fast"], "exact (brute force, the only mode "
+                    "private retrieval accepts), fast (tree + AH + reorder), or auto by size "
+                    "(default: the config's retrieval.index.mode, else auto)", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+def _progress(message: str):
+  print(message, file=sys.stderr, flush=True)
+
+
+@command("index", "build", "build a ScaNN index over an embedding store (or a .npy matrix)",
+         _define_index_build)
+def _index_build(fv, config):
+  if (fv.store is None) == (fv["from-npy"].value is None):
+    raise UsageError("give exactly one of --store and --from-npy")
+  if not fv.out:
+    raise UsageError("--out is required")
+  out = pathlib.Path(fv.out)
+  if fv.store:
+    store = store_lib.EmbeddingStore(fv.store)
+  else:
+    matrix = np.load(fv["from-npy"].value, mmap_mode="r")
+    _progress(f"writing a store of {matrix.shape} rows to {out / 'store'}")
+    store = store_lib.EmbeddingStore.write(out / "store", matrix)
+  settings = index_lib.index_config(len(store))
+  if config is not None:
+    settings.update(config.retrieval.index)
+  if fv.mode is not None:
+    settings.mode = fv.mode
+  _progress(f"building the ScaNN index over {len(store):,} x {store.dim} ({settings.mode})")
+  start = time.monotonic()
+  index = index_lib.ScannIndex.build(np.asarray(store.embeddings, np.float32), store.ids, settings)
+  index.save(out / "index")
+  seconds = time.monotonic() - start
+  text = (f"{index.mode} index of {len(store):,} records (d = {store.dim}) in {out / 'index'}, built in "
+          f"{seconds:.1f} s; store fingerprint {store.fingerprint}"
+          + ("" if index.is_exact else "\n  approximate: for public data and non-private "
+             "baselines only; private retrieval refuses it"))
+  return text, {"index": str(out / "index"), "mode": index.mode, "exact": index.is_exact,
+                "num_rows": len(store), "dim": store.dim, "seconds": seconds,
+                "store": str(store.directory), "fingerprint": store.fingerprint}
+
+
+def _define_index_query(fv):
+  flags.DEFINE_string("index", None, "index directory (or the --out of `dprdm index build`)",
+                      flag_values=fv)
+  flags.DEFINE_string("query-file", None, "(B, d) float32 .npy of query embeddings",
+                      flag_values=fv)
+  flags.DEFINE_integer("k", 10, "neighbours per query", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("index", "query", "non-private nearest neighbours from an index, for inspection",
+         _define_index_query)
+def _index_query(fv, config):
+  if not fv.index or not fv["query-file"].value:
+    raise UsageError("--index and --query-file are required")
+  path = pathlib.Path(fv.index)
+  index = index_lib.ScannIndex.load(path / "index" if (path / "index").is_dir() else path)
+  queries = np.load(fv["query-file"].value)
+  ids, scores = index.search(queries, fv.k)
+  lines = [f"{index.mode} search, k = {fv.k}, inner-product scores (not private: no subsample, "
+           "no noise, no budget)"]
+  for b, (row_ids, row_scores) in enumerate(zip(ids, scores)):
+    lines.append(f"  query {b}: " + ", ".join(
+        f"{i} ({s:.4f})" for i, s in zip(row_ids, row_scores) if i >= 0))
+  return "\n".join(lines), {
+      "mode": index.mode, "k": fv.k, "ids": ids.tolist(),
+      "scores": [[float(s) if np.isfinite(s) else None for s in row] for row in scores]}
+
+
 def _usage() -> str:
   lines = ["usage: dprdm GROUP ACTION [--flags]   (dprdm GROUP ACTION --help for the flags)", ""]
   lines += [f"  {g} {a:<10} {c.help}" for (g, a), c in COMMANDS.items()]
@@ -273,7 +356,7 @@ def main(argv: list[str]) -> int:
   args = [name] + argv[3:]
   fv = flags.FlagValues()
   cmd.define(fv)
-  if argv[1] == "privacy":
+  if argv[1] in ("privacy", "index") and argv[2] != "query":
     config_flags.DEFINE_config_file("config", None, "config file (FILE or FILE:ARG)",
                                     flag_values=fv, sys_argv=args)
   if any(a in ("-h", "--help", "-help") for a in args[1:]):
@@ -295,7 +378,7 @@ def main(argv: list[str]) -> int:
     if len(rest) > 1:
       raise UsageError(f"unexpected argument {rest[1]!r}")
     text, data = cmd.execute(fv, config)
-  except (flags.Error, UsageError, ValueError, ledger_lib.LedgerError) as e:
+  except (flags.Error, UsageError, ValueError, OSError, ledger_lib.LedgerError) as e:
     # Config errors arrive as multi-line reports with a traceback inside; the last line is the cause.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     print(f"{name}: error: {lines[-1]}", file=sys.stderr)

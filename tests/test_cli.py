@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dprdm_jax import cli
@@ -156,3 +157,44 @@ def test_unknown_command_and_help(capsys):
   assert status == 2 and "usage: dprdm" in err
   status, out, _ = dprdm(capsys, "--help")
   assert status == 0 and "privacy epsilon" in out and "budget status" in out
+
+
+def test_index_build_and_query(capsys, tmp_path):
+  rng = np.random.default_rng(0)
+  matrix = rng.normal(size=(300, 16)).astype(np.float32)
+  queries = rng.normal(size=(3, 16)).astype(np.float32)
+  np.save(tmp_path / "m.npy", matrix)
+  np.save(tmp_path / "q.npy", queries)
+  status, out, err = dprdm(capsys, "index", "build", "--from-npy", str(tmp_path / "m.npy"), "--out",
+                           str(tmp_path / "ix"), "--json")
+  assert status == 0 and "building" in err
+  built = json.loads(out)
+  assert built["mode"] == "exact" and built["num_rows"] == 300
+  status, out, _ = dprdm(capsys, "index", "query", "--index", str(tmp_path / "ix"), "--query-file",
+                         str(tmp_path / "q.npy"), "--k", "5", "--json")
+  assert status == 0
+  result = json.loads(out)
+  unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+  expected = np.argsort(-(queries @ unit.T), axis=1)[:, :5]
+  assert result["ids"] == expected.tolist()
+  np.testing.assert_allclose(result["scores"], np.take_along_axis(queries @ unit.T, expected, 1),
+                             rtol=1e-5)
+  status, out, _ = dprdm(capsys, "index", "build", "--store", str(tmp_path / "ix" / "store"),
+                         "--out", str(tmp_path / "fast"), "--config", "configs/default.py:tiny",
+                         "--config.retrieval.index.num_leaves=10",
+                         "--config.retrieval.index.num_leaves_to_search=3",
+                         "--config.retrieval.index.training_sample_size=300", "--mode", "fast",
+                         "--json")
+  assert status == 0 and json.loads(out)["exact"] is False
+
+
+@pytest.mark.parametrize("args,message", [
+    (["index", "build", "--out", "x"], "exactly one of --store and --from-npy"),
+    (["index", "build", "--from-npy", "missing.npy", "--out", "x"], "No such file"),
+    (["index", "build", "--store", "missing", "--out", "x"], "not an embedding store"),
+    (["index", "query", "--index", "missing", "--query-file", "q.npy"], "not an index"),
+])
+def test_index_bad_input_exits_2(capsys, tmp_path, monkeypatch, args, message):
+  monkeypatch.chdir(tmp_path)
+  status, _, err = dprdm(capsys, *args)
+  assert status == 2 and message in err and err.count("\n") == 1

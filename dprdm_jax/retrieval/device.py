@@ -1,0 +1,151 @@
+"""Private k-NN in accelerator memory: masked exact scores, then top-k, all in one jitted function.
+
+For each query: score every record of the table with a matmul, set the score of every record
+outside the query's Poisson subsample to -inf, and take the top k. A slot whose best score is -inf
+holds no record (the subsample had fewer than k records) and comes back invalid.
+
+Formal guarantee (rule R1), for `private_knn` and `sharded_private_knn` with approximate=False: the
+returned neighbours, ids and validity are a function of the query, the subsample key, and the
+records inside the subsample alone. Records outside it are masked before any comparison, so
+changing, adding or deleting them changes nothing; adding one record changes at most one slot.
+Score ties go to the lower record id (the table is in id order, and `jax.lax.top_k` prefers the
+lower index), in both the single-device and the sharded path.
+
+approximate=True uses `jax.lax.approx_max_k` on the same masked scores (fast on TPU; exact on CPU
+and GPU). It never returns a non-sampled record, but which sampled records it misses depends on
+their positions in the table, and an unsampled record added before them shifts those positions;
+so only the exact mode carries R1 in full.
+"""
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+
+from dprdm_jax.retrieval import store as store_lib
+from dprdm_jax.retrieval import subsample
+
+APPROX_RECALL_TARGET = 0.99
+
+
+class Neighbors(NamedTuple):
+  """The k retrieved records of each query of a batch."""
+  embeddings: jax.Array  # (B, k, d), zero where invalid
+  ids: jax.Array  # (B, k) uint32 record ids, 0 where invalid
+  valid: jax.Array  # (B, k) bool
+  scores: jax.Array  # (B, k) float32 inner products, -inf where invalid
+
+
+class DeviceTable(NamedTuple):
+  """A store's rows on device: embeddings (N', d), ids (N',) uint32, present (N',) bool.
+
+  N' >= N when the rows are padded to a multiple of the shard count; padding rows are not present
+  and are never retrieved.
+  """
+  embeddings: jax.Array
+  ids: jax.Array
+  present: jax.Array
+
+  @classmethod
+  def from_store(cls, store: store_lib.EmbeddingStore, mesh: Optional[jax.sharding.Mesh] = None,
+                 axis: Optional[str] = None, dtype=None) -> "DeviceTable":
+    """Copies a store to device, sharded by rows over `axis` of `mesh` when both are given."""
+    embeddings = np.asarray(store.embeddings, dtype or store.embeddings.dtype)
+    return cls.from_arrays(embeddings, store.ids, mesh, axis)
+
+  @classmethod
+  def from_arrays(cls, embeddings: np.ndarray, ids: np.ndarray,
+                  mesh: Optional[jax.sharding.Mesh] = None,
+                  axis: Optional[str] = None) -> "DeviceTable":
+    """As from_store, from rows already in id order and their ids."""
+    n = len(ids)
+    shards = 1 if mesh is None else mesh.shape[axis]
+    pad = -n % shards
+    embeddings = np.concatenate([embeddings, np.zeros((pad, embeddings.shape[1]), embeddings.dtype)])
+    ids = np.concatenate([np.asarray(ids, np.int64), np.zeros(pad, np.int64)]).astype(np.uint32)
+    present = np.arange(n + pad) < n
+    if mesh is None:
+      return cls(jnp.asarray(embeddings), jnp.asarray(ids), jnp.asarray(present))
+    rows = NamedSharding(mesh, P(axis))
+    return cls(jax.device_put(embeddings, NamedSharding(mesh, P(axis, None))),
+               jax.device_put(ids, rows), jax.device_put(present, rows))
+
+
+def _masked_top_k(table: DeviceTable, queries, subsample_keys, keep, k, approximate):
+  """(scores, positions) of the k best subsampled rows of `table` for each query."""
+  scores = jnp.einsum("bd,nd->bn", queries.astype(table.embeddings.dtype), table.embeddings,
+                      preferred_element_type=jnp.float32)
+  member = subsample.membership(subsample_keys, table.ids, keep) & table.present
+  masked = jnp.where(member, scores, -jnp.inf)
+  n = masked.shape[1]
+  if n < k:  # fewer rows than slots: pad with empty slots
+    masked = jnp.pad(masked, ((0, 0), (0, k - n)), constant_values=-jnp.inf)
+  if approximate:
+    return jax.lax.approx_max_k(masked, k, recall_target=APPROX_RECALL_TARGET)
+  return jax.lax.top_k(masked, k)
+
+
+def _gather(table: DeviceTable, scores, positions):
+  valid = scores > -jnp.inf
+  n = table.ids.shape[0]
+  safe = jnp.minimum(positions, n - 1)
+  embeddings = jnp.where(valid[..., None], table.embeddings[safe].astype(jnp.float32), 0.0)
+  return Neighbors(embeddings, jnp.where(valid, table.ids[safe], 0), valid, scores)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "approximate"))
+def private_knn(table: DeviceTable, queries: jax.Array, subsample_keys: jax.Array,
+                keep: np.uint32, k: int, approximate: bool = False) -> Neighbors:
+  """The top-k of each query's Poisson subsample of `table` (one device, or jit's own sharding).
+
+  Args:
+    table: the private rows (`DeviceTable`).
+    queries: (B, d) query embeddings.
+    subsample_keys: (B,) keys from `keys.query_keys(..., Stream.SUBSAMPLE)`.
+    keep: `subsample.limit(q)`.
+    k: neighbours per query.
+    approximate: `jax.lax.approx_max_k` instead of `jax.lax.top_k` (see the module docstring).
+
+  Guarantee: R1 as in the module docstring.
+  """
+  scores, positions = _masked_top_k(table, queries, subsample_keys, keep, k, approximate)
+  return _gather(table, scores, positions)
+
+
+def sharded_private_knn(mesh: jax.sharding.Mesh, axis: str, k: int, approximate: bool = False):
+  """`private_knn` over a table sharded by rows on `axis`: a jitted function of the same arguments.
+
+  Each device scores its shard, masks it and keeps its local top k (with their rows); the k best of
+  the gathered candidates are the top k of the whole subsample, because every record of the global
+  top k is in its own shard's top k. Queries and keys are replicated; the result is replicated.
+
+  Guarantee: R1 as in the module docstring (each shard's step satisfies it); the result equals the
+  single-device `private_knn`, ties included (shards hold ascending id ranges in order).
+  """
+
+  def local(embeddings, ids, present, queries, subsample_keys, keep):
+    table = DeviceTable(embeddings, ids, present)
+    scores, positions = _masked_top_k(table, queries, subsample_keys, keep, k, approximate)
+    found = _gather(table, scores, positions)
+    gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), found)
+    best_scores, best = jax.lax.top_k(gathered.scores, k)
+    pick = lambda a: jnp.take_along_axis(a, best.reshape(best.shape + (1,) * (a.ndim - 2)), axis=1)
+    return Neighbors(pick(gathered.embeddings), pick(gathered.ids), pick(gathered.valid),
+                     best_scores)
+
+  rows, replicated = P(axis), P()
+  mapped = jax.shard_map(local, mesh=mesh,
+                         in_specs=(P(axis, None), rows, rows, replicated, replicated, replicated),
+                         out_specs=Neighbors(replicated, replicated, replicated, replicated),
+                         check_vma=False)
+
+  @jax.jit
+  def run(table: DeviceTable, queries, subsample_keys, keep) -> Neighbors:
+    return mapped(table.embeddings, table.ids, table.present, queries, subsample_keys,
+                  jnp.asarray(keep, jnp.uint32))
+
+  return run

@@ -1,0 +1,113 @@
+"""Private k-NN on device: exact top-k of the subsample (R1), sharded equals unsharded."""
+
+import jax
+import numpy as np
+import pytest
+
+from dprdm_jax.retrieval import device
+from dprdm_jax.retrieval import subsample
+from tests.retrieval import reference as ref
+
+
+def run(table_rows, ids, queries, q, k, sub_keys, mesh=None, approximate=False):
+  table = device.DeviceTable.from_arrays(table_rows, ids, mesh, None if mesh is None else "rows")
+  keep = subsample.limit(q)
+  if mesh is None:
+    found = device.private_knn(table, queries, sub_keys, keep, k, approximate)
+  else:
+    found = device.sharded_private_knn(mesh, "rows", k, approximate)(table, queries, sub_keys, keep)
+  return jax.tree.map(np.asarray, found)
+
+
+def as_int_ids(found):
+  return np.where(found.valid, found.ids.astype(np.int64), -1)
+
+
+@pytest.mark.parametrize("q", [1.0, 0.5, 0.01])
+@pytest.mark.parametrize("k", [1, 4, 64])
+@pytest.mark.parametrize("d", [8, 384])
+def test_exact_top_k_of_the_materialised_subsample(q, k, d):
+  rng = np.random.default_rng(int(q * 100) + k + d)
+  n, b = 600, 6
+  rows = ref.integer_rows(rng, n, d)
+  rows[10:20] = rows[0]  # exact duplicates: ties that must go to the lower id
+  ids = np.sort(rng.choice(10**6, n, replace=False))
+  queries = ref.integer_rows(rng, b, d)
+  keys = ref.subsample_keys(b)
+  expected_ids, expected_scores = ref.materialised_top_k(rows, ids, queries,
+                                                          ref.members(ids, keys, q), k)
+  found = run(rows, ids, queries, q, k, keys)
+  np.testing.assert_array_equal(as_int_ids(found), expected_ids)
+  np.testing.assert_array_equal(found.scores, expected_scores.astype(np.float32))
+  np.testing.assert_array_equal(found.embeddings[found.valid],
+                                rows[np.searchsorted(ids, expected_ids[found.valid])])
+  assert not found.embeddings[~found.valid].any()
+  if q == 0.01 and k == 64:
+    assert (~found.valid).any()  # subsamples of about 6 records: padded slots
+
+
+def test_unsampled_records_cannot_change_the_result():
+  rng = np.random.default_rng(1)
+  n, d, k, q = 400, 16, 8, 0.1
+  rows = rng.normal(size=(n, d)).astype(np.float32)
+  ids = np.arange(n) * 2
+  queries = rng.normal(size=(1, d)).astype(np.float32)
+  keys = ref.subsample_keys(1, first=77)
+  base = run(rows, ids, queries, q, k, keys)
+  outside = ~ref.members(ids, keys, q)[0]
+  changed = rows.copy()
+  changed[outside] = queries[0] * 100  # unsampled records made perfect matches
+  np.testing.assert_array_equal(as_int_ids(run(changed, ids, queries, q, k, keys)), as_int_ids(base))
+  kept = ~outside
+  deleted = run(rows[kept], ids[kept], queries, q, k, keys)
+  np.testing.assert_array_equal(as_int_ids(deleted), as_int_ids(base))
+  np.testing.assert_array_equal(deleted.embeddings, base.embeddings)
+
+
+def test_adding_one_record_changes_at_most_one_slot():
+  rng = np.random.default_rng(2)
+  n, d, k, q, b = 300, 16, 8, 0.2, 40
+  rows = rng.normal(size=(n, d)).astype(np.float32)
+  ids = np.arange(n) * 2
+  queries = rng.normal(size=(b, d)).astype(np.float32)
+  keys = ref.subsample_keys(b)
+  base = as_int_ids(run(rows, ids, queries, q, k, keys))
+  new_id = 301  # between existing ids: every later record shifts position
+  at = np.searchsorted(ids, new_id)
+  for new_row in (queries[0] * 10, rng.normal(size=d).astype(np.float32)):
+    grown = run(np.insert(rows, at, new_row, axis=0), np.insert(ids, at, new_id), queries, q, k,
+                keys)
+    for before, after in zip(base, as_int_ids(grown)):
+      assert len(set(before) - set(after)) <= 1
+      assert set(after) - set(before) <= {new_id}
+
+
+def test_sharded_equals_unsharded_on_eight_devices():
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = np.random.default_rng(3)
+  n, d, b = 605, 32, 5  # not a multiple of 8: padding rows must never be retrieved
+  rows = ref.integer_rows(rng, n, d)
+  rows[100:110] = rows[600]  # ties across shards
+  ids = np.arange(n) * 3
+  queries = ref.integer_rows(rng, b, d)
+  keys = ref.subsample_keys(b)
+  for q, k in ((1.0, 16), (0.3, 4), (0.01, 100)):
+    single = run(rows, ids, queries, q, k, keys)
+    sharded = run(rows, ids, queries, q, k, keys, mesh=mesh)
+    for a, s in zip(single, sharded):
+      np.testing.assert_array_equal(a, s)
+
+
+def test_approximate_mode_returns_only_sampled_records():
+  rng = np.random.default_rng(4)
+  n, d, k, q, b = 500, 16, 8, 0.3, 4
+  rows = rng.normal(size=(n, d)).astype(np.float32)
+  ids = np.arange(n)
+  queries = rng.normal(size=(b, d)).astype(np.float32)
+  keys = ref.subsample_keys(b)
+  found = run(rows, ids, queries, q, k, keys, approximate=True)
+  member = ref.members(ids, keys, q)
+  for row, found_ids in zip(member, as_int_ids(found)):
+    assert all(row[i] for i in found_ids if i >= 0)
+  np.testing.assert_array_equal(as_int_ids(found), as_int_ids(run(rows, ids, queries, q, k, keys)))
