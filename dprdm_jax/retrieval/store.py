@@ -178,13 +178,3 @@ class EmbeddingStore:
       return None
     return [t for i in range(len(self._shards))
             for t in json.loads((self.directory / _shard_name("payload", i, "json")).read_text())]
-
-  def positions(self, ids: np.ndarray) -> np.ndarray:
-    """Row positions of record ids (StoreError for an id not in the store)."""
-    all_ids = self.ids
-    ids = np.asarray(ids, np.int64)
-    pos = np.searchsorted(all_ids, ids)
-    found = (pos < len(all_ids)) & (all_ids[np.minimum(pos, len(all_ids) - 1)] == ids)
-    if not found.all():
-      raise StoreError(f"record id {int(ids[~found].flat[0])} is not in {self.directory}")
-    return pos

@@ -4,6 +4,10 @@ import jax
 import numpy as np
 import pytest
 
+from dprdm_jax.privacy import accounting
+from dprdm_jax.privacy import aggregate
+from dprdm_jax.privacy import keys
+from dprdm_jax.privacy import ledger
 from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import subsample
 from tests.retrieval import reference as ref
@@ -111,3 +115,32 @@ def test_approximate_mode_returns_only_sampled_records():
   for row, found_ids in zip(member, as_int_ids(found)):
     assert all(row[i] for i in found_ids if i >= 0)
   np.testing.assert_array_equal(as_int_ids(found), as_int_ids(run(rows, ids, queries, q, k, keys)))
+
+
+def test_charged_query_runs_retrieval_and_aggregation_in_one_jit(tmp_path):
+  """The whole private step of a query: ledger charge, keys, retrieval, noisy context."""
+  rng = np.random.default_rng(8)
+  n, d, b = 1000, 32, 4
+  rows = rng.normal(size=(n, d)).astype(np.float32)
+  rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+  table = device.DeviceTable.from_arrays(rows, np.arange(n))
+  mechanism = accounting.Mechanism(noise_std=0.5, sampling_rate=0.2, num_neighbors=8)  # z = 2
+  with ledger.Ledger(tmp_path / "ledger.db", create=True) as book:
+    book.register("fp", 5.0, 1e-3, "rdp")
+    grant = book.charge("fp", mechanism, b)
+  queries = rng.normal(size=(b, d)).astype(np.float32)
+
+  @jax.jit
+  def private_context(table, queries, sub_keys, noise_keys):
+    found = device.private_knn(table, queries, sub_keys, subsample.limit(mechanism.sampling_rate),
+                               mechanism.num_neighbors)
+    return aggregate.aggregate(found.embeddings, found.valid, queries, noise_keys,
+                               mechanism.noise_std, 1.0), found
+
+  context, found = private_context(table, queries, grant.keys(keys.Stream.SUBSAMPLE),
+                                   grant.keys(keys.Stream.NOISE))
+  assert context.shape == (b, 1, d)
+  noiseless = aggregate.aggregate(found.embeddings, found.valid, queries,
+                                  grant.keys(keys.Stream.NOISE), 0.0, 1.0)
+  noise = np.asarray(context - noiseless).ravel() / mechanism.noise_std
+  assert 0.8 < noise.std() < 1.2  # the noise of sigma is there

@@ -91,10 +91,3 @@ def test_bad_shapes_ids_and_directories_are_refused(tmp_path):
   (tmp_path / "g" / "manifest.json").write_text(json.dumps({"format": "other"}))
   with pytest.raises(store_lib.StoreError, match="not a version-1"):
     store_lib.EmbeddingStore(tmp_path / "g")
-
-
-def test_positions_of_ids(tmp_path):
-  store = store_lib.EmbeddingStore.write(tmp_path / "s", rows(5), np.array([40, 10, 30, 20, 50]))
-  np.testing.assert_array_equal(store.positions(np.array([10, 50, 30])), [0, 4, 2])
-  with pytest.raises(store_lib.StoreError, match="record id 11"):
-    store.positions(np.array([11]))
