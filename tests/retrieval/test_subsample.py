@@ -1,5 +1,6 @@
 """Poisson membership by keyed hash of record ids: rate, independence, id-not-position."""
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -51,3 +52,18 @@ def test_subsample_and_noise_streams_differ():
   a = np.asarray(subsample.membership(sub_keys(2), ids, keep))
   b = np.asarray(subsample.membership(keys.query_keys(5, 0, 2, keys.Stream.NOISE), ids, keep))
   assert 0.4 < (a == b).mean() < 0.6
+
+
+def test_hash_values_are_uniform_distinct_and_neighbouring_ids_independent():
+  ids = np.arange(200_000, dtype=np.uint32)
+  words = np.asarray(jax.vmap(lambda k: subsample._hash(k, ids))(sub_keys(3)))
+  for row in words:
+    assert len(np.unique(row)) == len(ids)  # a bijection of the id space
+    assert stats.kstest(row / 2.0**32, "uniform").pvalue > 1e-3
+  q = 0.1
+  member = words <= subsample.limit(q)
+  pairs = member[:, :-1] & member[:, 1:]  # ids r and r + 1
+  bound = 5 * np.sqrt(q * q / pairs.size)
+  assert abs(pairs.mean() - q * q) < bound
+  strided = member[:, :-1024] & member[:, 1024:]  # ids r and r + 1024
+  assert abs(strided.mean() - q * q) < bound
