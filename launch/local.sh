@@ -53,6 +53,7 @@ case "$job" in
   bench)
     python benchmarks/aggregate.py "$@"
     python benchmarks/accounting.py
+    python benchmarks/retrieval.py
     ;;
   *)
     echo "usage: bash launch/local.sh demo|test|bench [args]" >&2

@@ -45,7 +45,7 @@ def _mix(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _hash(key: jax.Array, ids: jax.Array) -> jax.Array:
+def hash_ids(key: jax.Array, ids: jax.Array) -> jax.Array:
   """h(t, r) of the module docstring for one query's key and uint32 ids of any shape."""
   k0, k1 = jax.random.key_data(key)
   return _mix(_mix(ids.astype(jnp.uint32) ^ k0) ^ k1)
@@ -57,11 +57,11 @@ def membership(subsample_keys: jax.Array, ids: jax.Array, keep: np.uint32) -> ja
 
   Guarantee: see the module docstring. Costs about ten integer operations per (query, record).
   """
-  return jax.vmap(lambda key: _hash(key, ids))(subsample_keys) <= keep
+  return jax.vmap(lambda key: hash_ids(key, ids))(subsample_keys) <= keep
 
 
 @jax.jit
 def candidate_membership(subsample_keys: jax.Array, ids: jax.Array, keep: np.uint32) -> jax.Array:
   """(B, C) bool for a per-query candidate list ids (B, C): the same decisions as `membership`."""
-  return jax.vmap(_hash)(subsample_keys, ids) <= keep
+  return jax.vmap(hash_ids)(subsample_keys, ids) <= keep
 

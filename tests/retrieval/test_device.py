@@ -15,11 +15,10 @@ from tests.retrieval import reference as ref
 
 def run(table_rows, ids, queries, q, k, sub_keys, mesh=None, approximate=False):
   table = device.DeviceTable.from_arrays(table_rows, ids, mesh, None if mesh is None else "rows")
-  keep = subsample.limit(q)
   if mesh is None:
-    found = device.private_knn(table, queries, sub_keys, keep, k, approximate)
+    found = device.private_knn(table, queries, sub_keys, q, k, approximate)
   else:
-    found = device.sharded_private_knn(mesh, "rows", k, approximate)(table, queries, sub_keys, keep)
+    found = device.sharded_private_knn(mesh, "rows", q, k, approximate)(table, queries, sub_keys)
   return jax.tree.map(np.asarray, found)
 
 
@@ -132,7 +131,7 @@ def test_charged_query_runs_retrieval_and_aggregation_in_one_jit(tmp_path):
 
   @jax.jit
   def private_context(table, queries, sub_keys, noise_keys):
-    found = device.private_knn(table, queries, sub_keys, subsample.limit(mechanism.sampling_rate),
+    found = device.private_knn(table, queries, sub_keys, mechanism.sampling_rate,
                                mechanism.num_neighbors)
     return aggregate.aggregate(found.embeddings, found.valid, queries, noise_keys,
                                mechanism.noise_std, 1.0), found
@@ -144,3 +143,12 @@ def test_charged_query_runs_retrieval_and_aggregation_in_one_jit(tmp_path):
                                   grant.keys(keys.Stream.NOISE), 0.0, 1.0)
   noise = np.asarray(context - noiseless).ravel() / mechanism.noise_std
   assert 0.8 < noise.std() < 1.2  # the noise of sigma is there
+
+
+def test_table_ids_are_checked():
+  rows = np.ones((3, 4), np.float32)
+  for bad in ([2, 1, 3], [1, 1, 2], [0, 1, 2**32], [-1, 0, 1]):
+    with pytest.raises(ValueError, match="ascending"):
+      device.DeviceTable.from_arrays(rows, np.array(bad))
+  with pytest.raises(ValueError, match="3 rows but 2 ids"):
+    device.DeviceTable.from_arrays(rows, np.array([0, 1]))

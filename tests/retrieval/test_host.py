@@ -8,7 +8,6 @@ from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import host
 from dprdm_jax.retrieval import index as index_lib
 from dprdm_jax.retrieval import store as store_lib
-from dprdm_jax.retrieval import subsample
 from tests.retrieval import reference as ref
 
 
@@ -41,7 +40,7 @@ def test_exact_top_k_and_equal_to_the_device_path(tmp_path, q, k, d):
   np.testing.assert_array_equal(as_int_ids(found), expected_ids)
   np.testing.assert_array_equal(found.scores, expected_scores.astype(np.float32))
   on_device = jax.tree.map(np.asarray, device.private_knn(
-      device.DeviceTable.from_store(store), queries, keys, subsample.limit(q), k))
+      device.DeviceTable.from_store(store), queries, keys, q, k))
   for a, b_ in zip(found, on_device):
     np.testing.assert_array_equal(a, b_)
 
@@ -81,3 +80,17 @@ def test_index_of_another_store_is_refused(tmp_path):
   other = index_lib.ScannIndex.build(np.asarray(store.embeddings), np.arange(50) + 1)
   with pytest.raises(host.PrivateRetrievalError, match="not built from this store"):
     host.HostRetriever(store, other)
+
+
+def test_bfloat16_store_gives_the_same_neighbours_on_host_and_device(tmp_path):
+  rng = np.random.default_rng(8)
+  rows = rng.normal(size=(3000, 64)).astype(np.float32)
+  store = store_lib.EmbeddingStore.write(tmp_path / "store", rows, dtype="bfloat16")
+  config = index_lib.index_config(3000)
+  config.mode = "exact"
+  index = index_lib.ScannIndex.build(np.asarray(store.embeddings, np.float32), store.ids, config)
+  queries = rng.normal(size=(32, 64)).astype(np.float32)
+  keys = ref.subsample_keys(32)
+  on_host = host.HostRetriever(store, index).retrieve(queries, keys, 0.05, 16)
+  on_device = device.private_knn(device.DeviceTable.from_store(store), queries, keys, 0.05, 16)
+  np.testing.assert_array_equal(as_int_ids(on_host), as_int_ids(on_device))

@@ -56,7 +56,7 @@ def test_subsample_and_noise_streams_differ():
 
 def test_hash_values_are_uniform_distinct_and_neighbouring_ids_independent():
   ids = np.arange(200_000, dtype=np.uint32)
-  words = np.asarray(jax.vmap(lambda k: subsample._hash(k, ids))(sub_keys(3)))
+  words = np.asarray(jax.vmap(lambda k: subsample.hash_ids(k, ids))(sub_keys(3)))
   for row in words:
     assert len(np.unique(row)) == len(ids)  # a bijection of the id space
     assert stats.kstest(row / 2.0**32, "uniform").pvalue > 1e-3
