@@ -139,7 +139,7 @@ def private_knn(table: DeviceTable, queries: jax.Array, subsample_keys: jax.Arra
 
 def sharded_private_knn(mesh: jax.sharding.Mesh, axis: str, sampling_rate: float, k: int,
                         approximate: bool = False):
-  """`private_knn` over a table sharded by rows on `axis`: a jitted function of the same arguments.
+  """`private_knn` over a table sharded by rows on `axis`: a jitted fn(table, queries, keys).
 
   Each device scores its shard, masks it and keeps its local top k (with their rows); the k best of
   the gathered candidates are the top k of the whole subsample, because every record of the global
