@@ -63,18 +63,6 @@ _INTERPOLATION = 0.5
 _SEED = 20240601
 
 
-def _median_seconds(fn: Callable[[], object], reps: int, warmup: int) -> float:
-  """Median wall time of fn() over reps calls, after warmup untimed calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int,
                          warmup: int) -> dict[str, float]:
   """Median wall time of each fn, calling them in turn rep after rep (after warmup calls each)."""
@@ -94,7 +82,7 @@ def _copy_bandwidth(megabytes: int, reps: int) -> float:
   """Bytes read plus written per second by np.copyto of a float32 array of `megabytes` MB."""
   src = np.ones(megabytes * 2**20 // 4, np.float32)
   dst = np.empty_like(src)
-  seconds = _median_seconds(lambda: np.copyto(dst, src), reps, warmup=1)
+  seconds = machine_info.median_seconds(lambda: np.copyto(dst, src), reps, warmup=1)
   return 2 * src.nbytes / seconds
 
 
@@ -134,7 +122,7 @@ def main(argv):
   load = machine_info.BackgroundLoad.started()
   b, reps, warmup = _BATCH.value, _REPS.value, _WARMUP.value
   copy_bandwidth = _copy_bandwidth(_COPY_MB.value, reps)
-  keys_seconds = _median_seconds(
+  keys_seconds = machine_info.median_seconds(
       lambda: keys.query_keys(_SEED, 0, b, keys.Stream.NOISE).block_until_ready(), reps, warmup)
   noise_keys = keys.query_keys(_SEED, 0, b, keys.Stream.NOISE)
   rng = np.random.default_rng(_SEED)

@@ -1,4 +1,4 @@
-"""Facts about the benchmark machine shared by the scripts in this folder.
+"""Facts about the benchmark machine, and the timing helper, shared by the scripts in this folder.
 
 `cpu_model` names the processor; `BackgroundLoad` measures how much CPU time processes other than
 the benchmark used while it ran, so that a table measured on a busy machine says so.
@@ -7,6 +7,7 @@ the benchmark used while it ran, so that a table measured on a busy machine says
 import os
 import platform
 import resource
+import statistics
 import time
 
 
@@ -65,3 +66,15 @@ class BackgroundLoad:
     except (OSError, ValueError):
       pass
     return load
+
+
+def median_seconds(fn, reps: int, warmup: int = 0) -> float:
+  """Median wall seconds of reps calls of fn(), after warmup untimed calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)

@@ -134,16 +134,6 @@ def _reset_peak() -> bool:
     return False
 
 
-def _median_seconds(fn, reps: int) -> float:
-  """Median wall seconds of reps calls of fn (no warm-up: the caller has warmed it)."""
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 # ----------------------------------------------------------------------------------------------
 # The contenders, each in its own process.
 
@@ -192,11 +182,11 @@ class _Device:
     jax.block_until_ready(top_k(masked))
     passes = len(self._chunks)
     return [
-        ("matmul scores (chunk, d) x (d, N)", passes * _median_seconds(run_scores, reps)),
-        ("keyed-hash membership (chunk, N)", passes * _median_seconds(run_member, reps)),
-        ("mask (where)", passes * _median_seconds(lambda: mask(s, m).block_until_ready(), reps)),
+        ("matmul scores (chunk, d) x (d, N)", passes * machine_info.median_seconds(run_scores, reps)),
+        ("keyed-hash membership (chunk, N)", passes * machine_info.median_seconds(run_member, reps)),
+        ("mask (where)", passes * machine_info.median_seconds(lambda: mask(s, m).block_until_ready(), reps)),
         ("lax.top_k over (chunk, N)",
-         passes * _median_seconds(lambda: jax.block_until_ready(top_k(masked)), reps)),
+         passes * machine_info.median_seconds(lambda: jax.block_until_ready(top_k(masked)), reps)),
     ]
 
 
@@ -297,12 +287,12 @@ class _Faiss:
     build = lambda: [faiss.IDSelectorBatch(s) for s in self._sampled]
     draw = lambda: [np.flatnonzero(self._rng.random(self._n) < self._q)
                     for _ in range(len(self._queries))]
-    total = _median_seconds(self.run_a, reps)
-    selectors = _median_seconds(build, reps)
+    total = machine_info.median_seconds(self.run_a, reps)
+    selectors = machine_info.median_seconds(build, reps)
     return [
         ("(a) IDSelectorBatch construction", selectors),
         ("(a) IndexFlatIP.search with the selector", max(0.0, total - selectors)),
-        ("(b) rng.random(N) < q, flatnonzero", _median_seconds(draw, reps)),
+        ("(b) rng.random(N) < q, flatnonzero", machine_info.median_seconds(draw, reps)),
     ]
 
 
