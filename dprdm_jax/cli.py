@@ -117,7 +117,8 @@ def _mechanism(fv, config) -> accounting.Mechanism:
 
 def _describe(m: accounting.Mechanism) -> str:
   return (f"k = {m.num_neighbors} neighbours of a q = {m.sampling_rate:g} Poisson subsample, "
-          f"noise sigma = {m.noise_std:g} (noise multiplier z = k*sigma/2 = {m.noise_multiplier:.4g})")
+          f"noise sigma = {m.noise_std:g} "
+          f"(noise multiplier z = k*sigma/2 = {m.noise_multiplier:.4g})")
 
 
 @command("privacy", "epsilon", "epsilon of T queries (RDP and PLD)",
@@ -128,8 +129,8 @@ def _privacy_epsilon(fv, config):
   queries = accounting.check_queries(_value(fv, config, "queries"))
   delta, delta_source = _delta(fv, config)
   chosen = accounting.ACCOUNTANTS if fv.accountant == "both" else (fv.accountant,)
-  eps = {acc: accounting.history_epsilon({mechanism: queries}, delta, acc) if acc in chosen else None
-         for acc in accounting.ACCOUNTANTS}
+  eps = {acc: accounting.history_epsilon({mechanism: queries}, delta, acc)
+         if acc in chosen else None for acc in accounting.ACCOUNTANTS}
   lines = [f"Privacy cost of T = {queries:,} queries, each with {_describe(mechanism)}.",
            f"At delta = {delta:.3g} ({delta_source}), {ADJACENCY} adjacency:"]
   lines += [f"  epsilon ({acc.upper()}) = {_fmt_eps(e)}" for acc, e in eps.items() if e is not None]
@@ -252,9 +253,9 @@ def _budget_status(fv, config):
            f"{ADJACENCY} adjacency."]
   for s in found:
     b = s.budget
-    lines.append(f"  {b.fingerprint}: {s.queries:,} queries, epsilon spent {s.epsilon_spent:.4f} of "
-                 f"{b.epsilon_budget:g}, remaining {s.epsilon_remaining:.4f} "
-                 f"(delta = {b.delta:.3g}, {b.accountant.upper()})")
+    lines.append(f"  {b.fingerprint}: {s.queries:,} queries, epsilon spent "
+                 f"{s.epsilon_spent:.4f} of {b.epsilon_budget:g}, remaining "
+                 f"{s.epsilon_remaining:.4f} (delta = {b.delta:.3g}, {b.accountant.upper()})")
   return "\n".join(lines), {"ledger": fv.ledger, "datasets": [
       {"fingerprint": s.budget.fingerprint, "queries": s.queries,
        "epsilon_spent": s.epsilon_spent, "epsilon_remaining": s.epsilon_remaining,
@@ -264,8 +265,8 @@ def _budget_status(fv, config):
 
 def _define_index_build(fv):
   flags.DEFINE_string("store", None, "embedding store directory to index", flag_values=fv)
-  flags.DEFINE_string("from-npy", None, "a raw (N, d) float32 .npy matrix; becomes a store with ids "
-                      "0..N-1 in OUT/store", flag_values=fv)
+  flags.DEFINE_string("from-npy", None, "a raw (N, d) float32 .npy matrix; becomes a store "
+                      "with ids 0..N-1 in OUT/store", flag_values=fv)
   flags.DEFINE_string("out", None, "output directory: the index goes to OUT/index (and the store "
                       "made from --from-npy to OUT/store)", flag_values=fv)
   flags.DEFINE_enum("mode", None, ["auto", "exact", "fast"], "exact (brute force, the only mode "
@@ -302,8 +303,8 @@ def _index_build(fv, config):
   index = index_lib.ScannIndex.build(np.asarray(store.embeddings, np.float32), store.ids, settings)
   index.save(out / "index")
   seconds = time.monotonic() - start
-  text = (f"{index.mode} index of {len(store):,} records (d = {store.dim}) in {out / 'index'}, built in "
-          f"{seconds:.1f} s; store fingerprint {store.fingerprint}"
+  text = (f"{index.mode} index of {len(store):,} records (d = {store.dim}) in {out / 'index'}, "
+          f"built in {seconds:.1f} s; store fingerprint {store.fingerprint}"
           + ("" if index.is_exact else "\n  approximate: for public data and non-private "
              "baselines only; private retrieval refuses it"))
   return text, {"index": str(out / "index"), "mode": index.mode, "exact": index.is_exact,
@@ -379,7 +380,7 @@ def main(argv: list[str]) -> int:
       raise UsageError(f"unexpected argument {rest[1]!r}")
     text, data = cmd.execute(fv, config)
   except (flags.Error, UsageError, ValueError, OSError, ledger_lib.LedgerError) as e:
-    # Config errors arrive as multi-line reports with a traceback inside; the last line is the cause.
+    # Config errors arrive as multi-line reports with a traceback inside; the last line says why.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     print(f"{name}: error: {lines[-1]}", file=sys.stderr)
     return 2

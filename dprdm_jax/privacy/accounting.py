@@ -151,7 +151,7 @@ def history_epsilon(history: History, delta: float, accountant: Accountant) -> f
 
 
 def _bracket(meets, guess: float, increasing: bool, lowest: float, highest: float):
-  """Two adjacent points of the sequence guess * 2**i, (good, bad), with meets(good), not meets(bad).
+  """Adjacent points (good, bad) of the sequence guess * 2**i with meets(good), not meets(bad).
 
   `meets` must be monotone: true for large values if `increasing`, else for small ones. The search
   stays within [lowest, highest] (both endpoints are tried) and returns None when the whole range
@@ -261,7 +261,7 @@ class PlanRow:
   noise_multiplier_pld: float
   noise_std_rdp: float
   noise_std_pld: float
-  noise_norm_pld: float  # expected L2 norm of the noise, sigma_pld * sqrt(d); the mean has norm <= 1
+  noise_norm_pld: float  # expected noise L2 norm, sigma_pld * sqrt(d); the mean has norm <= 1
 
 
 def plan(dataset_size: int, target_epsilon: float, num_queries: int, delta: float,

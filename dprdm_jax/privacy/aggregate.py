@@ -3,7 +3,7 @@
 SPEC steps 4-7, for each query independently (the kernel is vmapped over the batch):
 
   r_j  = clip(x_j)  if slot j holds a record, else 0      clip: scale to L2 norm <= 1, in float32
-  m    = (1/k) * sum_j r_j                                 always divided by k, padded slots included
+  m    = (1/k) * sum_j r_j                                 always divided by k, padded slots too
   m~   = m + sigma * xi,   xi ~ N(0, I_d)                  xi from the query's own NOISE key
   C    = lam * m~ + (1 - lam) * Q                          Q: the unit query, or k public neighbours
 
@@ -84,7 +84,8 @@ def _blocked_clipped_mean(neighbors, valid, block_size):
                         (neighbors, valid))
   means = jax.lax.map(lambda a: clipped_mean(*a), blocks).reshape(n * block_size, -1)
   if n * block_size < b:
-    means = jnp.concatenate([means, clipped_mean(neighbors[n * block_size:], valid[n * block_size:])])
+    tail = n * block_size
+    means = jnp.concatenate([means, clipped_mean(neighbors[tail:], valid[tail:])])
   return means
 
 
@@ -121,7 +122,8 @@ def _aggregate(neighbors, valid, queries, noise_keys, noise_std, interpolation, 
         f"shapes disagree: neighbors {neighbors.shape}, valid {valid.shape} (want {(b, k)}), "
         f"queries {queries.shape} (want {(b, d)}), noise_keys {noise_keys.shape} (want {(b,)})")
   if public_neighbors is not None and public_neighbors.shape != neighbors.shape:
-    raise ValueError(f"public_neighbors {public_neighbors.shape} must match neighbors {neighbors.shape}")
+    raise ValueError(f"public_neighbors {public_neighbors.shape} must match neighbors "
+                     f"{neighbors.shape}")
   noise_std = jnp.asarray(noise_std, jnp.float32)
   interpolation = jnp.asarray(interpolation, jnp.float32)
   means = _blocked_clipped_mean(neighbors, valid.astype(bool), block_size)

@@ -56,7 +56,8 @@ def query_keys(seed: int, first_query: int, count: int, stream: Stream) -> jax.A
   if count < 1:
     raise ValueError(f"count must be at least 1, got {count}")
   if first_query < 0 or first_query + count > 2**64:
-    raise ValueError(f"query numbers must lie in [0, 2**64), got [{first_query}, {first_query + count})")
+    raise ValueError(
+        f"query numbers must lie in [0, 2**64), got [{first_query}, {first_query + count})")
   t = np.arange(count, dtype=np.uint64) + np.uint64(first_query)
   hi = (t >> np.uint64(32)).astype(np.uint32)
   lo = (t & np.uint64(_WORD)).astype(np.uint32)

@@ -197,7 +197,8 @@ class Ledger:
     A cache miss runs `accounting.max_queries` (seconds with PLD); `charge` fills the cache before
     it takes the write lock, so other processes go on charging meanwhile.
     """
-    key = (budget.fingerprint, mechanism.noise_std, mechanism.sampling_rate, mechanism.num_neighbors)
+    key = (budget.fingerprint, mechanism.noise_std, mechanism.sampling_rate,
+           mechanism.num_neighbors)
     row = self._db.execute(
         "SELECT max_queries FROM allowances WHERE fingerprint = ? AND noise_std = ? AND "
         "sampling_rate = ? AND num_neighbors = ?", key).fetchone()
@@ -247,10 +248,10 @@ class Ledger:
     after[mechanism] = after.get(mechanism, 0) + count
     wanted = accounting.history_epsilon(after, budget.delta, budget.accountant)
     return BudgetExceededError(
-        f"refused: {count} more quer{'y' if count == 1 else 'ies'} with sigma={mechanism.noise_std:g}, "
-        f"q={mechanism.sampling_rate:g}, k={mechanism.num_neighbors} would bring epsilon to "
-        f"{wanted:.4g}, over the budget {budget.epsilon_budget:g} of dataset {budget.fingerprint} "
-        f"(delta={budget.delta:.3g}, {budget.accountant.upper()}); spent epsilon {spent:.4g}, "
+        f"refused: {count} more quer{'y' if count == 1 else 'ies'} with "
+        f"sigma={mechanism.noise_std:g}, q={mechanism.sampling_rate:g}, "
+        f"k={mechanism.num_neighbors} would bring epsilon to {wanted:.4g}, over the budget "
+        f"{budget.epsilon_budget:g} of dataset {budget.fingerprint} (delta={budget.delta:.3g}, {budget.accountant.upper()}); spent epsilon {spent:.4g}, "
         f"remaining epsilon {max(0.0, budget.epsilon_budget - spent):.4g}")
 
   @staticmethod

@@ -40,10 +40,10 @@ class HostRetriever:
     """
     if not index.is_exact:
       raise PrivateRetrievalError(
-          "private retrieval needs an exact (brute-force) index: with an approximate index, records "
-          "outside the subsample can displace sampled ones (rule R1), and a tree or quantiser "
-          "trained on the private embeddings is itself a release of them; build the index with "
-          "mode 'exact'")
+          "private retrieval needs an exact (brute-force) index: with an approximate index, "
+          "records outside the subsample can displace sampled ones (rule R1), and a tree or "
+          "quantiser trained on the private embeddings is itself a release of them; build the "
+          "index with mode 'exact'")
     self._ids = store.ids
     if not np.array_equal(index.ids, self._ids):
       raise PrivateRetrievalError("the index was not built from this store (record ids differ)")

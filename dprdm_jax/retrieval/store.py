@@ -10,14 +10,14 @@ A store is a directory:
 Record ids are integers in [0, 2**32), unique, and stored in ascending order, so that a record's
 position and its id order agree: both retrieval back-ends break score ties by the lower id.
 Rows are L2-normalised when written; a zero row, a non-finite value or a row of the wrong width is
-refused. The id range is what the Poisson subsample hashes (`subsample`), one threefry word per
-(query, record).
+refused. Ids are 32-bit because the Poisson subsample (`subsample`) hashes them, one keyed 32-bit
+hash per (query, record).
 
 The fingerprint is a SHA-256 over the format, the dtype, d, all ids and all embedding bytes in id
-order (the shard layout does not enter it). The budget ledger keys a dataset's privacy budget by it, so any changed row gives a
-new fingerprint. That cuts both ways: a store rebuilt from the same private records after an edit
-is a new dataset to the ledger, and the curator must carry its spent budget over (a new
-fingerprint does not make the old records less exposed).
+order (the shard layout does not enter it). The budget ledger keys a dataset's privacy budget by
+it, so any changed row gives a new fingerprint. That cuts both ways: a store rebuilt from the same
+private records after an edit is a new dataset to the ledger, and the curator must carry its spent
+budget over (a new fingerprint does not make the old records less exposed).
 """
 
 import hashlib
@@ -91,7 +91,8 @@ class EmbeddingStore:
       manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
       raise StoreError(f"{self.directory} is not an embedding store: {e}") from None
-    if manifest.get("format") != "dprdm-embedding-store" or manifest.get("version") != FORMAT_VERSION:
+    if (manifest.get("format") != "dprdm-embedding-store"
+        or manifest.get("version") != FORMAT_VERSION):
       raise StoreError(f"{manifest_path} is not a version-{FORMAT_VERSION} dprdm embedding store")
     self.dim = manifest["dim"]
     self.dtype = manifest["dtype"]
