@@ -252,7 +252,8 @@ class Ledger:
         f"sigma={mechanism.noise_std:g}, q={mechanism.sampling_rate:g}, "
         f"k={mechanism.num_neighbors} would bring epsilon to {wanted:.4g}, over the budget "
         f"{budget.epsilon_budget:g} of dataset {budget.fingerprint} (delta={budget.delta:.3g}, "
-        f"{budget.accountant.upper()}); spent epsilon {spent:.4g}, remaining epsilon {max(0.0, budget.epsilon_budget - spent):.4g}")
+        f"{budget.accountant.upper()}); spent epsilon {spent:.4g}, remaining epsilon "
+        f"{max(0.0, budget.epsilon_budget - spent):.4g}")
 
   @staticmethod
   def _spent(budget: Budget, history) -> float:
