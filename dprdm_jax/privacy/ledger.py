@@ -226,10 +226,8 @@ class Ledger:
       if set(history) <= {mechanism}:
         within = history.get(mechanism, 0) + count <= self._allowance(budget, mechanism)
       else:
-        after = dict(history)
-        after[mechanism] = after.get(mechanism, 0) + count
-        within = accounting.history_epsilon(after, budget.delta, budget.accountant) <= \
-            budget.epsilon_budget
+        within = accounting.history_epsilon(_plus(history, mechanism, count), budget.delta,
+                                            budget.accountant) <= budget.epsilon_budget
       if not within:
         raise self._refusal(budget, history, mechanism, count)
       seed, first = self._db.execute(
@@ -244,9 +242,8 @@ class Ledger:
 
   def _refusal(self, budget, history, mechanism, count) -> BudgetExceededError:
     spent = self._spent(budget, history)
-    after = dict(history)
-    after[mechanism] = after.get(mechanism, 0) + count
-    wanted = accounting.history_epsilon(after, budget.delta, budget.accountant)
+    wanted = accounting.history_epsilon(_plus(history, mechanism, count), budget.delta,
+                                        budget.accountant)
     return BudgetExceededError(
         f"refused: {count} more quer{'y' if count == 1 else 'ies'} with "
         f"sigma={mechanism.noise_std:g}, q={mechanism.sampling_rate:g}, "
@@ -279,6 +276,11 @@ class Ledger:
         "SELECT noise_std, sampling_rate, num_neighbors, first_query, count FROM charges "
         "WHERE fingerprint = ? ORDER BY id", (fingerprint,))
     return [(accounting.Mechanism(s, q, k), first, n) for s, q, k, first, n in rows]
+
+
+def _plus(history: dict, mechanism: accounting.Mechanism, count: int) -> dict:
+  """The history with `count` more queries of `mechanism`."""
+  return {**history, mechanism: history.get(mechanism, 0) + count}
 
 
 class _Transaction:

@@ -125,16 +125,24 @@ def _check_config(config: Config, num_rows: int, dim: int) -> dict:
   return params
 
 
+def _float32_rows(name: str, x, shape_ok: bool, want: str) -> np.ndarray:
+  """x as a contiguous float32 matrix; ValueError unless shape_ok, floating point and finite."""
+  if not shape_ok:
+    raise ValueError(f"{name} must have shape {want}, got {np.shape(x)}")
+  if not _is_float(x.dtype):
+    raise ValueError(f"{name} must be floating point, got {x.dtype}")
+  x = np.ascontiguousarray(x, np.float32)
+  if not np.isfinite(x).all():
+    raise ValueError(f"{name} hold non-finite values")
+  return x
+
+
 def _check_table(embeddings, ids) -> tuple[np.ndarray, np.ndarray]:
   """The embeddings as float32 (N, d) unit rows and the ids as unique int64 >= 0 (N,)."""
   embeddings, ids = np.asarray(embeddings), np.asarray(ids)
-  if embeddings.ndim != 2 or 0 in embeddings.shape:
-    raise ValueError(f"embeddings must be a non-empty (N, d) matrix, got shape {embeddings.shape}")
-  if not _is_float(embeddings.dtype):
-    raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
-  embeddings = np.ascontiguousarray(embeddings, np.float32)
-  if not np.isfinite(embeddings).all():
-    raise ValueError("embeddings hold non-finite values")
+  embeddings = _float32_rows("embeddings", embeddings,
+                             embeddings.ndim == 2 and 0 not in embeddings.shape,
+                             "(N, d): a non-empty (N, d) matrix")
   norms = np.linalg.norm(embeddings, axis=1)
   worst = int(np.argmax(np.abs(norms - 1)))
   if abs(norms[worst] - 1) > _NORM_TOLERANCE:
@@ -252,13 +260,9 @@ class ScannIndex:
     """
     k = _check_positive_int("k", k)
     queries = np.asarray(queries)
-    if queries.ndim != 2 or queries.shape[1] != self._dim:
-      raise ValueError(f"queries must have shape (B, {self._dim}), got {queries.shape}")
-    if not _is_float(queries.dtype):
-      raise ValueError(f"queries must be floating point, got {queries.dtype}")
-    queries = np.ascontiguousarray(queries, np.float32)
-    if not np.isfinite(queries).all():
-      raise ValueError("queries hold non-finite values")
+    queries = _float32_rows("queries", queries,
+                            queries.ndim == 2 and queries.shape[1] == self._dim,
+                            f"(B, {self._dim})")
     if not len(queries):
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     # Fast mode rescores max(k, reorder_k) candidates, so a k above reorder_k is not cut short.
