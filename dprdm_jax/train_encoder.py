@@ -1,0 +1,181 @@
+"""`dprdm train-encoder`: train the default image tower on public data, aligned to the text tower.
+
+The text tower (MiniLM) is frozen. Each public training image is pulled towards its class
+caption's embedding and away from the other public classes' (a softmax over the class captions
+with a learned temperature: LiT's contrastive loss with the batch's captions deduplicated). Caption
+embeddings are mean-centred over the caption vocabulary of the offline datasets (class names
+only: the private classes' names are prompts, not private records) before normalising.
+
+Privacy: the tower never sees a private record. Its evaluation on the private domain (zero-shot
+accuracy on Fashion-MNIST's test split, retrieval accuracy on its train split) is a measurement by
+the curator, done once here and written to the work directory; it does not change the tower, so
+the key function stays independent of the private data (rule R1 and the README's assumptions).
+
+Checkpoints (orbax): tower, optimizer state and step every `checkpoint_every` steps and at the
+end; a rerun resumes from the latest one and, the data stream being a function of (seed, step),
+ends with the parameters an uninterrupted run would have.
+"""
+
+import json
+import pathlib
+import sys
+import time
+from typing import Optional
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dprdm_jax.data import offline
+from dprdm_jax.data import pipeline
+from dprdm_jax.encoders import image as image_lib
+from dprdm_jax.encoders import text as text_lib
+
+
+class _Head(nnx.Module):
+  """The learned inverse temperature of the contrastive softmax, as log scale."""
+
+  def __init__(self):
+    self.log_scale = nnx.Param(jnp.log(10.0))
+
+
+def text_space(text: text_lib.TextEncoder) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(centre, class caption embeddings per dataset), all centred on the caption vocabulary."""
+  center = text.fit_center(list(offline.caption_vocabulary()))
+  classes = {name: text.encode_text(list(offline.class_captions(name)), center=center)
+             for name in ("public", "fashion_mnist")}
+  return center, classes
+
+
+def _tower_config(config: ml_collections.ConfigDict, dim: int) -> image_lib.TowerConfig:
+  return image_lib.TowerConfig(width=config.encoder.width, depth=config.encoder.depth, dim=dim,
+                               in_channels=1, resolution=config.data.resolution)
+
+
+def retrieval_accuracy(prompt_embeddings: np.ndarray, prompt_labels: np.ndarray,
+                       keys: np.ndarray, key_labels: np.ndarray, k: int) -> float:
+  """Share of each prompt's k nearest keys (inner product, exact) whose class is the prompt's."""
+  scores = prompt_embeddings @ keys.T
+  top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+  return float((key_labels[top] == prompt_labels[:, None]).mean())
+
+
+def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] = None
+          ) -> Optional[dict]:
+  """Trains (or resumes) the tower in `workdir` and returns the evaluation figures.
+
+  stop_after: return None once the checkpoint of this step is written, as a preemption at that
+    point would leave the work directory; a later call resumes from there.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  enc = config.encoder
+  text = text_lib.TextEncoder.load()
+  center, class_embeddings = text_space(text)
+  tower_config = _tower_config(config, text.dim)
+  config_path = workdir / image_lib.CONFIG_FILE
+  if config_path.exists() and image_lib.TowerConfig.from_json(config_path.read_text()) != (
+      tower_config):
+    raise ValueError(f"{workdir} holds a tower of another shape; use a fresh work directory")
+  config_path.write_text(tower_config.to_json())
+
+  tower = image_lib.init(tower_config, enc.seed)
+  head = _Head()
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, enc.learning_rate, enc.warmup_steps, enc.steps, end_value=enc.learning_rate * 0.01)
+  tx = optax.adamw(schedule, weight_decay=enc.weight_decay)
+  optimizer = nnx.Optimizer((tower, head), tx, wrt=nnx.Param)
+  targets = jnp.asarray(class_embeddings["public"])
+
+  manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, save_interval_steps=1))
+  start = manager.latest_step() or 0
+  if start:
+    restored = manager.restore(start, args=ocp.args.Composite(
+        tower=ocp.args.StandardRestore(nnx.state(tower)),
+        head=ocp.args.StandardRestore(nnx.state(head)),
+        optimizer=ocp.args.StandardRestore(nnx.state(optimizer))))
+    nnx.update(tower, restored["tower"])
+    nnx.update(head, restored["head"])
+    nnx.update(optimizer, restored["optimizer"])
+    print(f"resumed from step {start}", file=sys.stderr)
+
+  @nnx.jit
+  def step_fn(tower, head, optimizer, images, labels):
+    def loss_fn(tower, head):
+      logits = jnp.exp(head.log_scale[...]) * tower(images) @ targets.T
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, (logits.argmax(-1) == labels).mean()
+    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        tower, head)
+    optimizer.update((tower, head), grads)
+    return loss, accuracy
+
+  def save(step):
+    manager.save(step, args=ocp.args.Composite(
+        tower=ocp.args.StandardSave(nnx.state(tower)),
+        head=ocp.args.StandardSave(nnx.state(head)),
+        optimizer=ocp.args.StandardSave(nnx.state(optimizer))))
+
+  public_train = offline.load("public", "train", config.data.resolution)
+  batches = pipeline.TrainBatches(public_train, enc.batch_size, enc.seed, start_step=start)
+  log_path = workdir / "train_log.jsonl"
+  t0, last_log = time.perf_counter(), start
+  for batch in batches:
+    step = batches.step
+    if step > enc.steps:
+      break
+    loss, accuracy = step_fn(tower, head, optimizer, jnp.asarray(batch["image"]),
+                             jnp.asarray(batch["label"]))
+    if step % enc.log_every == 0 or step == enc.steps:
+      elapsed = time.perf_counter() - t0
+      rate = (step - last_log) * enc.batch_size / max(elapsed, 1e-9)
+      record = dict(step=step, loss=float(loss), train_accuracy=float(accuracy),
+                    examples_per_second=rate)
+      with log_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+      print(f"step {step}/{enc.steps}  loss {float(loss):.4f}  batch accuracy "
+            f"{float(accuracy):.3f}  {rate:,.0f} images/s", file=sys.stderr, flush=True)
+      t0, last_log = time.perf_counter(), step
+    if step % enc.checkpoint_every == 0 or step == enc.steps or step == stop_after:
+      save(step)
+    if step == stop_after:
+      break
+  manager.wait_until_finished()
+  manager.close()
+  if stop_after is not None and stop_after < enc.steps:
+    return None
+  return evaluate(config, workdir, text, center, class_embeddings)
+
+
+def evaluate(config, workdir, text, center, class_embeddings) -> dict:
+  """Zero-shot accuracies and retrieval accuracies of the trained tower; written to eval.json."""
+  workdir = pathlib.Path(workdir)
+  encoder = image_lib.load(workdir)
+  public_test = offline.load("public", "test", config.data.resolution)
+  fashion_test = offline.load("fashion_mnist", "test", config.data.resolution)
+  fashion_train = offline.load("fashion_mnist", "train", config.data.resolution)
+  k = config.encoder.eval_neighbors
+  prompts = class_embeddings["fashion_mnist"]
+  prompt_labels = np.arange(len(prompts))
+  image_keys = encoder.encode_images(fashion_train.images)
+  caption_keys = text.encode_text(list(offline.class_captions("fashion_mnist")), center=center)[
+      fashion_train.labels]
+  figures = {
+      "zero_shot_accuracy_public_test": image_lib.zero_shot_accuracy(
+          encoder, public_test.images, public_test.labels, class_embeddings["public"]),
+      "zero_shot_accuracy_fashion_mnist_test": image_lib.zero_shot_accuracy(
+          encoder, fashion_test.images, fashion_test.labels, class_embeddings["fashion_mnist"]),
+      f"retrieval_accuracy_image_keys_top{k}": retrieval_accuracy(
+          prompts, prompt_labels, image_keys, fashion_train.labels, k),
+      f"retrieval_accuracy_caption_keys_top{k}": retrieval_accuracy(
+          prompts, prompt_labels, caption_keys, fashion_train.labels, k),
+      "chance": {"public": 1 / len(class_embeddings["public"]),
+                 "fashion_mnist": 1 / len(prompts)},
+  }
+  (workdir / "eval.json").write_text(json.dumps(figures, indent=1))
+  return figures
