@@ -12,13 +12,17 @@ What is measured, for the default config's model (configs/default.py: 32x32x1, c
 
 Both models are printed with their parameter counts (they differ slightly: diffusers' blocks
 are not LDM's exactly). Each figure is the median of --reps timed calls after --warmup untimed
-ones (ours compiles during the warm-up); the contenders alternate so a slow spell of the shared
-machine hits both.
+ones (ours compiles during the warm-up). Each contender runs in its own process, one after the
+other: in one process XLA's and torch's thread pools slow each other down (measured: diffusers'
+sampling 30x slower beside a live JAX runtime).
 
   python benchmarks/unet.py            # from the repository root, with the bench extra installed
 """
 
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -26,20 +30,21 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import machine_info  # benchmarks/machine_info.py, beside this script
+from dprdm_jax import config_lib
 from dprdm_jax import sharding
 from dprdm_jax import train
 from dprdm_jax.diffusion import sampler
 from dprdm_jax.models import unet
-from tests.test_configs import load
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Training batch size.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 64, "Images per sampling call.")
 _STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median taken).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
+_CONTENDER = flags.DEFINE_enum("contender", None, ["ours", "diffusers"],
+                               "Measure one contender (default: both, each in a subprocess).")
 
 
 def _torch_unet(c: unet.UNetConfig):
@@ -52,8 +57,9 @@ def _torch_unet(c: unet.UNetConfig):
       block_out_channels=tuple(widths), layers_per_block=c.num_res_blocks,
       down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attend),
       up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attend[::-1]),
-      cross_attention_dim=c.context_dim, attention_head_dim=c.head_channels,
-      num_attention_heads=[w // c.head_channels for w in widths], norm_num_groups=c.norm_groups,
+      # diffusers' attention_head_dim is the number of heads (its issue 2011).
+      cross_attention_dim=c.context_dim,
+      attention_head_dim=tuple(w // c.head_channels for w in widths), norm_num_groups=c.norm_groups,
       transformer_layers_per_block=c.transformer_depth)
 
 
@@ -68,35 +74,50 @@ def _median(fn, reps, warmup):
   return statistics.median(times)
 
 
-def main(_):
-  config = load("configs/default.py", "--config.train.embeddings=unused")
-  c = train.model_config(config)
+def _ours(config, c, rng) -> tuple[float, float]:
+  """(training examples/s, sampling images/s) of ours."""
   b, sb = _BATCH.value, _SAMPLE_BATCH.value
-  print(f"machine: {machine_info.cpu_model()}, {jax.device_count()} JAX device(s), torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads")
-  load_meter = machine_info.BackgroundLoad()
-  load_meter.start()
-
-  # Ours: the train step of the default config on one device, on a fixed batch.
   trainer = train.Trainer(config, sharding.make_mesh({}, jax.devices()[:1]))
-  rng = np.random.default_rng(0)
   batch = dict(image=rng.uniform(-1, 1, (b, c.resolution, c.resolution, c.in_channels)).astype(
       np.float32), neighbors=rng.normal(size=(b, 4, c.context_dim)).astype(np.float32))
   batch = sharding.global_batch(batch, trainer.mesh)
   state = [trainer.init(0)]
 
-  def ours_train():
+  def step():
     state[0], metrics = trainer.train_step(state[0], batch)
     jax.block_until_ready(metrics)
 
-  # Peer: diffusers.
+  t_train = _median(step, _REPS.value, _WARMUP.value)
+  params = state[0]["ema"]
+  schedule = train.noise_schedule(config)
+  shape = (sb, c.resolution, c.resolution, c.in_channels)
+
+  @jax.jit
+  def sample(params, key, context):
+    model = trainer.model(params)
+    return sampler.ddim_sample(lambda x, t, ctx: model(x, t, ctx), schedule, key, shape,
+                               context, num_steps=_STEPS.value)
+
+  context = jnp.asarray(rng.normal(size=(sb, 1, c.context_dim)).astype(np.float32))
+  t_sample = _median(lambda: jax.block_until_ready(sample(params, jax.random.key(1), context)),
+                     max(_REPS.value // 2, 1), 1)
+  return b / t_train, sb / t_sample
+
+
+def _diffusers(c) -> tuple[float, float]:
+  """(training examples/s, sampling images/s) of the same U-Net in diffusers."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
+  b, sb = _BATCH.value, _SAMPLE_BATCH.value
   torch.manual_seed(0)
   peer = _torch_unet(c)
+  print(f"diffusers UNet2DConditionModel: {sum(p.numel() for p in peer.parameters()):,} "
+        f"parameters, torch {torch.__version__} with {torch.get_num_threads()} threads")
   optimizer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
   x0 = torch.randn(b, c.in_channels, c.resolution, c.resolution)
   context = torch.randn(b, 1, c.context_dim)
 
-  def peer_train():
+  def step():
     noise = torch.randn_like(x0)
     t = torch.randint(0, 1000, (b,))
     loss = torch.nn.functional.mse_loss(peer(x0 + noise, t, context).sample, noise)
@@ -105,47 +126,47 @@ def main(_):
     torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
     optimizer.step()
 
-  ours_params = unet.param_count(c)
-  peer_params = sum(p.numel() for p in peer.parameters())
-  print(f"U-Net: ours {ours_params:,} parameters, diffusers {peer_params:,}")
-  t_ours = _median(ours_train, _REPS.value, _WARMUP.value)
-  t_peer = _median(peer_train, _REPS.value, _WARMUP.value)
-  print(f"training, batch {b}: ours {b / t_ours:,.1f} examples/s, diffusers {b / t_peer:,.1f} "
-        f"examples/s, ratio {t_peer / t_ours:.2f}x")
-
-  # Sampling, 50 DDIM steps, one model call per step.
-  params = state[0]["ema"]
-  schedule = train.noise_schedule(config)
-  shape = (sb, c.resolution, c.resolution, c.in_channels)
-
-  @jax.jit
-  def ours_sample(params, key, context):
-    model = trainer.model(params)
-    return sampler.ddim_sample(lambda x, t, ctx: model(x, t, ctx), schedule, key, shape,
-                               context, num_steps=_STEPS.value)
-
-  key = jax.random.key(1)
-  ours_context = jnp.asarray(rng.normal(size=(sb, 1, c.context_dim)).astype(np.float32))
-
-  def ours_run():
-    jax.block_until_ready(ours_sample(params, key, ours_context))
-
-  from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
+  t_train = _median(step, _REPS.value, _WARMUP.value)
   scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
                             beta_schedule="scaled_linear", clip_sample=False)
-  peer_context = torch.randn(sb, 1, c.context_dim)
+  sample_context = torch.randn(sb, 1, c.context_dim)
 
-  def peer_run():
+  def sample():
     scheduler.set_timesteps(_STEPS.value)
     x = torch.randn(sb, c.in_channels, c.resolution, c.resolution)
     with torch.no_grad():
       for t in scheduler.timesteps:
-        x = scheduler.step(peer(x, t, peer_context).sample, t, x).prev_sample
+        x = scheduler.step(peer(x, t, sample_context).sample, t, x).prev_sample
 
-  s_ours = _median(ours_run, max(_REPS.value // 2, 1), 1)
-  s_peer = _median(peer_run, max(_REPS.value // 2, 1), 1)
-  print(f"sampling, {_STEPS.value} DDIM steps, batch {sb}: ours {sb / s_ours:,.1f} images/s, "
-        f"diffusers {sb / s_peer:,.1f} images/s, ratio {s_peer / s_ours:.2f}x")
+  t_sample = _median(sample, max(_REPS.value // 2, 1), 1)
+  return b / t_train, sb / t_sample
+
+
+def main(argv):
+  config = config_lib.load("configs/default.py")
+  c = train.model_config(config)
+  if _CONTENDER.value == "ours":
+    print(f"ours: {unet.param_count(c):,} parameters, {jax.device_count()} JAX device(s)")
+    print(json.dumps(_ours(config, c, np.random.default_rng(0))))
+    return
+  if _CONTENDER.value == "diffusers":
+    print(json.dumps(_diffusers(c)))
+    return
+  print(f"machine: {machine_info.cpu_model()}; training batch {_BATCH.value}, sampling batch "
+        f"{_SAMPLE_BATCH.value} with {_STEPS.value} DDIM steps")
+  load_meter = machine_info.BackgroundLoad()
+  load_meter.start()
+  rates = {}
+  for name in ("ours", "diffusers"):
+    run = subprocess.run([sys.executable, argv[0], f"--contender={name}"] + argv[1:],
+                         capture_output=True, text=True, check=True)
+    lines = run.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]))
+    rates[name] = json.loads(lines[-1])
+  (ot, os_), (pt, ps) = rates["ours"], rates["diffusers"]
+  print(f"training: ours {ot:,.1f} examples/s, diffusers {pt:,.1f} examples/s, ratio "
+        f"{ot / pt:.2f}x")
+  print(f"sampling: ours {os_:,.2f} images/s, diffusers {ps:,.2f} images/s, ratio {os_ / ps:.2f}x")
   print(load_meter.summary())
 
 

@@ -401,7 +401,8 @@ def _embed(fv, config):
   text = (f"{result['dataset']}: {result['records']:,} records; embedded now "
           f"{result['embedded_now']:,} images at {result['images_per_second']:,.0f} images/s and "
           f"{result['distinct_captions']:,} distinct captions at "
-          f"{result['captions_per_second']:,.0f} captions/s on {result['devices']} "
+          f"{result['captions_per_second']:,.0f} captions/s (compilation included) on "
+          f"{result['devices']} "
           f"{jax.default_backend().upper()} device(s)")
   for kind, store in result.get("stores", {}).items():
     text += f"\n  {kind:<8} store {store['path']}: {store['records']:,} x {store['dim']}, " \

@@ -39,6 +39,18 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
+def load(path: str, *overrides: str) -> ml_collections.ConfigDict:
+  """A config file ("FILE" or "FILE:ARG") with "--config.a.b=value" overrides, as on the command
+  line; for notebooks and scripts."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FlagValues()
+  argv = ["config_lib", f"--config={path}", *overrides]
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
 def privacy_config(*, dataset_size: int, embedding_dim: int, sampling_rate: float,
                    num_neighbors: int, noise_std: float, interpolation: float,
                    epsilon_budget: float, num_queries: int,

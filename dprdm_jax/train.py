@@ -160,7 +160,7 @@ class Trainer:
       updates, opt = self.tx.update(grads, state["opt"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       ema = loss_lib.ema_update(state["ema"], params, t.ema_decay)
-      metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+      metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                      learning_rate=self.learning_rate(state["step"]))
       return dict(step=state["step"] + 1, params=params, ema=ema, opt=opt), metrics
 

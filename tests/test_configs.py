@@ -1,23 +1,12 @@
 """Configs: get_config(arg), typed arguments, command-line overrides, the privacy block."""
 
-import sys
-
-from absl import flags
-from ml_collections import config_flags
 import pytest
 
 from dprdm_jax import config_lib
 from dprdm_jax.privacy import accounting
 
 CONFIGS = ["configs/default.py", "configs/default.py:tiny", "configs/coco.py"]
-
-
-def load(path, *overrides):
-  fv = flags.FlagValues()
-  argv = ["prog", f"--config={path}", *overrides]
-  config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
-  fv(argv)
-  return fv.config
+load = config_lib.load
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -61,3 +50,11 @@ def test_parse_arg_types_and_errors():
     config_lib.parse_arg("seed=1.5", seed=0)
   with pytest.raises(ValueError, match="needs a value"):
     config_lib.parse_arg("seed", seed=0)
+
+
+def test_paper_model_builds_from_the_coco_config():
+  """The paper's U-Net, built abstractly from configs/coco.py: about 400M parameters."""
+  from dprdm_jax import train  # pylint: disable=g-import-not-at-top
+  from dprdm_jax.models import unet  # pylint: disable=g-import-not-at-top
+  count = unet.param_count(train.model_config(load("configs/coco.py")))
+  assert abs(count / 400e6 - 1) < 0.05, count
