@@ -13,8 +13,9 @@ What is measured, for the default config's model (configs/default.py: 32x32x1, c
 Both models are printed with their parameter counts (they differ slightly: diffusers' blocks
 are not LDM's exactly). Each figure is the median of --reps timed calls after --warmup untimed
 ones (ours compiles during the warm-up). Each contender runs in its own process, one after the
-other: in one process XLA's and torch's thread pools slow each other down (measured: diffusers'
-sampling 30x slower beside a live JAX runtime).
+other: in one process XLA's and torch's thread pools compete (diffusers' sampling measured 0.1
+images/s beside a live JAX runtime, 0.77 in its own process, though under different background
+loads).
 
   python benchmarks/unet.py            # from the repository root, with the bench extra installed
 """

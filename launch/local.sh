@@ -86,6 +86,7 @@ case "$job" in
     python benchmarks/aggregate.py "$@"
     python benchmarks/accounting.py
     python benchmarks/retrieval.py
+    python benchmarks/unet.py
     ;;
   *)
     echo "usage: bash launch/local.sh demo|test|bench|train [args]" >&2
