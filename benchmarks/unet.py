@@ -21,10 +21,8 @@ loads).
 """
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -64,17 +62,6 @@ def _torch_unet(c: unet.UNetConfig):
       transformer_layers_per_block=c.transformer_depth)
 
 
-def _median(fn, reps, warmup):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _ours(config, c, rng) -> tuple[float, float]:
   """(training examples/s, sampling images/s) of ours."""
   b, sb = _BATCH.value, _SAMPLE_BATCH.value
@@ -88,7 +75,7 @@ def _ours(config, c, rng) -> tuple[float, float]:
     state[0], metrics = trainer.train_step(state[0], batch)
     jax.block_until_ready(metrics)
 
-  t_train = _median(step, _REPS.value, _WARMUP.value)
+  t_train = machine_info.median_seconds(step, _REPS.value, _WARMUP.value)
   params = state[0]["ema"]
   schedule = train.noise_schedule(config)
   shape = (sb, c.resolution, c.resolution, c.in_channels)
@@ -100,7 +87,7 @@ def _ours(config, c, rng) -> tuple[float, float]:
                                context, num_steps=_STEPS.value)
 
   context = jnp.asarray(rng.normal(size=(sb, 1, c.context_dim)).astype(np.float32))
-  t_sample = _median(lambda: jax.block_until_ready(sample(params, jax.random.key(1), context)),
+  t_sample = machine_info.median_seconds(lambda: jax.block_until_ready(sample(params, jax.random.key(1), context)),
                      max(_REPS.value // 2, 1), 1)
   return b / t_train, sb / t_sample
 
@@ -127,7 +114,7 @@ def _diffusers(c) -> tuple[float, float]:
     torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
     optimizer.step()
 
-  t_train = _median(step, _REPS.value, _WARMUP.value)
+  t_train = machine_info.median_seconds(step, _REPS.value, _WARMUP.value)
   scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
                             beta_schedule="scaled_linear", clip_sample=False)
   sample_context = torch.randn(sb, 1, c.context_dim)
@@ -139,7 +126,7 @@ def _diffusers(c) -> tuple[float, float]:
       for t in scheduler.timesteps:
         x = scheduler.step(peer(x, t, sample_context).sample, t, x).prev_sample
 
-  t_sample = _median(sample, max(_REPS.value // 2, 1), 1)
+  t_sample = machine_info.median_seconds(sample, max(_REPS.value // 2, 1), 1)
   return b / t_train, sb / t_sample
 
 

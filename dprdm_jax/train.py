@@ -23,6 +23,7 @@ Read top to bottom: mesh, data, model and optimizer, the update step, checkpoint
 """
 
 import json
+import math
 import pathlib
 import sys
 import time
@@ -68,19 +69,17 @@ class NeighbourContext:
 
   def __init__(self, source, embeddings_dir, k: int):
     store = store_lib.EmbeddingStore(embeddings_dir)
+    self._ids = store.ids
     ids = np.asarray(source.ids, np.int64)
-    rows = np.searchsorted(store.ids, ids)
-    if (rows >= len(store)).any() or not np.array_equal(store.ids[np.minimum(
-        rows, len(store) - 1)], ids):
+    if not np.isin(ids, self._ids).all():
       raise ValueError(f"the store {embeddings_dir} does not hold every record of {source.name}; "
                        "embed the same dataset split (`dprdm embed`)")
-    self._row_of = dict(zip(ids.tolist(), rows.tolist()))
     self._embeddings = np.asarray(store.embeddings, np.float32)
     self._neighbors = public.training_neighbors(store, k)
     self.dim = store.dim
 
   def __call__(self, batch: dict) -> dict:
-    rows = np.array([self._row_of[i] for i in batch["id"].tolist()])
+    rows = np.searchsorted(self._ids, batch["id"].astype(np.int64))
     return dict(image=batch["image"].astype(np.float32) / 127.5 - 1.0,
                 neighbors=self._embeddings[self._neighbors[rows]])
 
@@ -109,16 +108,16 @@ class Trainer:
 
     self._build = build
     abstract = nnx.eval_shape(lambda: build(0))
-    self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+    self.graphdef, param_state, _ = nnx.split(abstract, nnx.Param, ...)
     # The rest is the dropout layers' own RNG state, unused (each step passes its dropout key);
     # it is made concrete once so that the model can be merged inside jit.
     self._rest = jax.jit(lambda: nnx.split(build(0), nnx.Param, ...)[2],
                          compiler_options=_run_once_options())()
     # The train state holds parameters as plain nested dicts: one tree shape for optax, orbax
     # and the sharding rules.
-    abstract_params = _pure(abstract_params)
-    logical_names = _pure(nnx.split(abstract, nnx.Param, ...)[1],
-                          lambda v: tuple(v.get_metadata("out_sharding")))
+    abstract_params = _pure(param_state)
+    logical_names = _pure(param_state, lambda v: tuple(v.get_metadata("out_sharding")))
+    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
     param_shardings, self.notes = sharding.param_shardings(
         logical_names, abstract_params, config.logical_rules, unet.LOGICAL_AXES, mesh)
     replicated = sharding.replicated(mesh)
@@ -299,20 +298,20 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
       step += 1
       if step % t.log_every == 0 or step == t.steps:
         metrics_out.write(step, metrics)
-      if (step % t.checkpoint_every == 0 or step == t.steps or step == stop_after
-          or manager.reached_preemption(step)):
+      preempted = manager.reached_preemption(step)
+      if step % t.checkpoint_every == 0 or step in (t.steps, stop_after) or preempted:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(dict(step=step, data_step=batches.step,
                                         config=config.to_json()))))
-        if step == stop_after or manager.reached_preemption(step):
+        if step == stop_after or preempted:
           break
   finally:
     manager.wait_until_finished()
     manager.close()
     metrics_out.close()
   return dict(workdir=str(workdir), steps=step, started_at=start,
-              seconds=time.perf_counter() - wall, parameters=unet.param_count(
-                  trainer.model_config), devices=jax.device_count(),
+              seconds=time.perf_counter() - wall, parameters=trainer.num_params,
+              devices=jax.device_count(),
               trained_steps_per_second=(step - start) / max(time.perf_counter() - wall, 1e-9),
               trace_count=trainer.train_step._cache_size())  # pylint: disable=protected-access

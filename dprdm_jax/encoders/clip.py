@@ -103,17 +103,8 @@ class ClipEncoder:
       center: optional (dim,) vector, usually from `fit_center`; each row e becomes
         normalise(e - center).
     """
-    captions = text.check_captions(captions)
-    batch_size = text.check_batch_size(batch_size)
-    center = text.check_center(center, self._dim)
-    ids = self._tokenizer(captions, truncation=True, max_length=self._max_length)["input_ids"]
-    out = np.empty((len(captions), self._dim), np.float32)
-    for members, input_ids, attention_mask in text.token_batches(
-        ids, batch_size, self._max_length, self._pad_id):
-      with jax.default_matmul_precision("highest"):
-        emb = self._text_forward(self._params, input_ids, attention_mask)
-      out[members] = np.asarray(emb)[:len(members)]
-    return text.subtract_center(out, center)
+    return text.embed_captions(self._tokenizer, self._text_forward, self._params, captions,
+                               batch_size, self._max_length, self._dim, center, self._pad_id)
 
   def fit_center(self, captions: Sequence[str],
                  batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import types
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from flax import traverse_util
 import jax
@@ -142,6 +142,25 @@ def token_batches(ids: Sequence[Sequence[int]], batch_size: int, max_length: int
       input_ids[row, :lengths[i]] = ids[i]
       attention_mask[row, :lengths[i]] = 1
     yield members, input_ids, attention_mask
+
+
+def embed_captions(tokenizer, forward: Callable, params, captions: Sequence[str], batch_size: int,
+                   max_length: int, dim: int, center: Optional[np.ndarray],
+                   pad_id: int = 0) -> np.ndarray:
+  """The shared body of the encoders' `encode_text`: check, tokenize, batch, embed, centre.
+
+  forward(params, input_ids, attention_mask) -> (rows, dim) unit embeddings.
+  """
+  captions = check_captions(captions)
+  batch_size = check_batch_size(batch_size)
+  center = check_center(center, dim)
+  ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"]
+  out = np.empty((len(captions), dim), np.float32)
+  for members, input_ids, attention_mask in token_batches(ids, batch_size, max_length, pad_id):
+    with jax.default_matmul_precision("highest"):
+      emb = forward(params, input_ids, attention_mask)
+    out[members] = np.asarray(emb)[:len(members)]
+  return subtract_center(out, center)
 
 
 def check_center(center: Optional[np.ndarray], dim: int) -> Optional[np.ndarray]:
@@ -291,16 +310,8 @@ class TextEncoder:
       center: optional (dim,) vector, usually from `fit_center`; each row e becomes
         normalise(e - center).
     """
-    captions = check_captions(captions)
-    batch_size = check_batch_size(batch_size)
-    center = check_center(center, self._dim)
-    ids = self._tokenizer(captions, truncation=True, max_length=self._max_length)["input_ids"]
-    out = np.empty((len(captions), self._dim), np.float32)
-    for members, input_ids, attention_mask in token_batches(ids, batch_size, self._max_length):
-      with jax.default_matmul_precision("highest"):
-        emb = self._forward(self._params, input_ids, attention_mask)
-      out[members] = np.asarray(emb)[:len(members)]
-    return subtract_center(out, center)
+    return embed_captions(self._tokenizer, self._forward, self._params, captions, batch_size,
+                          self._max_length, self._dim, center)
 
   def fit_center(self, captions: Sequence[str],
                  batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
