@@ -107,7 +107,8 @@ def main(argv):
                     seconds, f"sigma = {sigma:.5f} (epsilon {check:.4f})"))
   seconds, sigma = _timed(_opacus_sigma, _CALIBRATION_REPS.value)
   check = accounting.history_epsilon(
-      {accounting.Mechanism(sigma, _SAMPLING_RATE, _NEIGHBORS): _CALIBRATION_QUERIES}, _DELTA, "rdp")
+      {accounting.Mechanism(sigma, _SAMPLING_RATE, _NEIGHBORS): _CALIBRATION_QUERIES}, _DELTA,
+      "rdp")
   results.append((f"Opacus get_noise_multiplier (peer), T = {_CALIBRATION_QUERIES:,}", seconds,
                   f"sigma = {sigma:.5f} (epsilon by our RDP {check:.4f})"))
 

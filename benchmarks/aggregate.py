@@ -17,11 +17,11 @@ second of one batch of the noisy mean of k neighbours:
   default, so the result is float64).
 
 Each measurement is the median wall time of --reps calls after --warmup calls, the contenders of
-one (k, d) called in turn so that a slow spell of the (shared, virtual) machine hits all of them (for ours the warm-up
-includes compilation), with `.block_until_ready()` on ours. The table also gives ours' neighbour
-input bandwidth, B*k*d*itemsize / time, as a fraction of the machine's memory-copy bandwidth,
-measured as `np.copyto` of a --copy_mb MB float32 array (bytes read + written per second, median of
---reps copies). The bfloat16 rows compare ours on bfloat16 inputs with the float32 peers, whose
+one (k, d) called in turn so that a slow spell of the (shared, virtual) machine hits all of them
+(for ours the warm-up includes compilation), with `.block_until_ready()` on ours. The table also
+gives ours' neighbour input bandwidth, B*k*d*itemsize / time, as a fraction of the machine's
+memory-copy bandwidth, measured as `np.copyto` of a --copy_mb MB float32 array (bytes read +
+written per second, median of --reps copies). The bfloat16 rows compare ours on bfloat16 inputs with the float32 peers, whose
 reference code takes float32 embeddings.
 
 Run from the repository root, with the peer installed (`pip install torch==2.13.0`, the CPU build):

@@ -185,12 +185,12 @@ class _Device:
     masked = mask(s, m).block_until_ready()
     jax.block_until_ready(top_k(masked))
     passes = len(self._chunks)
+    timed = lambda fn: passes * machine_info.median_seconds(fn, reps)
     return [
-        ("matmul scores (chunk, d) x (d, N)", passes * machine_info.median_seconds(run_scores, reps)),
-        ("keyed-hash membership (chunk, N)", passes * machine_info.median_seconds(run_member, reps)),
-        ("mask (where)", passes * machine_info.median_seconds(lambda: mask(s, m).block_until_ready(), reps)),
-        ("lax.top_k over (chunk, N)",
-         passes * machine_info.median_seconds(lambda: jax.block_until_ready(top_k(masked)), reps)),
+        ("matmul scores (chunk, d) x (d, N)", timed(run_scores)),
+        ("keyed-hash membership (chunk, N)", timed(run_member)),
+        ("mask (where)", timed(lambda: mask(s, m).block_until_ready())),
+        ("lax.top_k over (chunk, N)", timed(lambda: jax.block_until_ready(top_k(masked)))),
     ]
 
 

@@ -5,13 +5,15 @@ What is measured, for the default config's model (configs/default.py: 32x32x1, c
 - training examples/s: ours is `dprdm_jax.train.Trainer.train_step` (jitted: Adapt context,
   epsilon-prediction loss, gradient clipping, AdamW, EMA) on one device; the peer is diffusers'
   `UNet2DConditionModel` with matched channels, blocks, attention and context size, float32 on the
-  CPU with torch's default threads, doing forward, MSE loss to the noise, backward and AdamW.
+  CPU with torch's default threads, doing forward, MSE loss to the noise, backward, clipping and
+  AdamW. Ours folds each 2x2 pixel patch into channels (patch_size 2); the peer gets the same
+  fold (pixel_unshuffle before, pixel_shuffle after), so both work on 16x16x4 maps with the same
+  number of parameters.
 - sampling images/s: 50 DDIM steps, guidance scale 1 (one model call per step). Ours is
   `dprdm_jax.diffusion.sampler.ddim_sample` jitted as one program; the peer is diffusers'
   `DDIMScheduler` loop calling the U-Net once per step under `torch.no_grad()`.
 
-Both models are printed with their parameter counts (they differ slightly: diffusers' blocks
-are not LDM's exactly). Each figure is the median of --reps timed calls after --warmup untimed
+Both models are printed with their parameter counts. Each figure is the median of --reps timed calls after --warmup untimed
 ones (ours compiles during the warm-up). Each contender runs in its own process, one after the
 other: in one process XLA's and torch's thread pools compete (diffusers' sampling measured 0.1
 images/s beside a live JAX runtime, 0.77 in its own process, though under different background
@@ -47,12 +49,16 @@ _CONTENDER = flags.DEFINE_enum("contender", None, ["ours", "diffusers"],
 
 
 def _torch_unet(c: unet.UNetConfig):
+  """diffusers' U-Net on the maps ours works on: (resolution / p)^2 positions of p^2 * channels,
+  p = patch_size (the caller folds pixels with pixel_unshuffle, as ours does)."""
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  sizes = [c.resolution // 2**i for i in range(len(c.channel_mult))]
+  p = c.patch_size
+  sizes = [c.resolution // p // 2**i for i in range(len(c.channel_mult))]
   attend = [s in c.attention_resolutions for s in sizes]
   widths = [c.base_channels * m for m in c.channel_mult]
   return UNet2DConditionModel(
-      sample_size=c.resolution, in_channels=c.in_channels, out_channels=c.out_channels,
+      sample_size=c.resolution // p, in_channels=c.in_channels * p * p,
+      out_channels=c.out_channels * p * p,
       block_out_channels=tuple(widths), layers_per_block=c.num_res_blocks,
       down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attend),
       up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attend[::-1]),
@@ -87,8 +93,9 @@ def _ours(config, c, rng) -> tuple[float, float]:
                                context, num_steps=_STEPS.value)
 
   context = jnp.asarray(rng.normal(size=(sb, 1, c.context_dim)).astype(np.float32))
-  t_sample = machine_info.median_seconds(lambda: jax.block_until_ready(sample(params, jax.random.key(1), context)),
-                     max(_REPS.value // 2, 1), 1)
+  t_sample = machine_info.median_seconds(
+      lambda: jax.block_until_ready(sample(params, jax.random.key(1), context)),
+      max(_REPS.value // 2, 1), 1)
   return b / t_train, sb / t_sample
 
 
@@ -98,20 +105,23 @@ def _diffusers(c) -> tuple[float, float]:
   from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
   b, sb = _BATCH.value, _SAMPLE_BATCH.value
   torch.manual_seed(0)
-  peer = _torch_unet(c)
-  print(f"diffusers UNet2DConditionModel: {sum(p.numel() for p in peer.parameters()):,} "
+  net = _torch_unet(c)
+  fold = lambda x: torch.nn.functional.pixel_unshuffle(x, c.patch_size)
+  unfold = lambda x: torch.nn.functional.pixel_shuffle(x, c.patch_size)
+  peer = lambda x, t, context: unfold(net(fold(x), t, context).sample)
+  print(f"diffusers UNet2DConditionModel: {sum(p.numel() for p in net.parameters()):,} "
         f"parameters, torch {torch.__version__} with {torch.get_num_threads()} threads")
-  optimizer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+  optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
   x0 = torch.randn(b, c.in_channels, c.resolution, c.resolution)
   context = torch.randn(b, 1, c.context_dim)
 
   def step():
     noise = torch.randn_like(x0)
     t = torch.randint(0, 1000, (b,))
-    loss = torch.nn.functional.mse_loss(peer(x0 + noise, t, context).sample, noise)
+    loss = torch.nn.functional.mse_loss(peer(x0 + noise, t, context), noise)
     optimizer.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     optimizer.step()
 
   t_train = machine_info.median_seconds(step, _REPS.value, _WARMUP.value)
@@ -124,7 +134,7 @@ def _diffusers(c) -> tuple[float, float]:
     x = torch.randn(sb, c.in_channels, c.resolution, c.resolution)
     with torch.no_grad():
       for t in scheduler.timesteps:
-        x = scheduler.step(peer(x, t, sample_context).sample, t, x).prev_sample
+        x = scheduler.step(peer(x, t, sample_context), t, x).prev_sample
 
   t_sample = machine_info.median_seconds(sample, max(_REPS.value // 2, 1), 1)
   return b / t_train, sb / t_sample

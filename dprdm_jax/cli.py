@@ -444,6 +444,36 @@ def _train(fv, config):
   return text, result
 
 
+def _define_sample(fv):
+  flags.DEFINE_string("workdir", None, "work directory of `dprdm train` (default: the config's "
+                      "train.workdir)", flag_values=fv)
+  flags.DEFINE_string("out", None, "the PNG to write (default: WORKDIR/samples.png)",
+                      flag_values=fv)
+  flags.DEFINE_integer("rows", 20, "public test images, one per class first", flag_values=fv)
+  flags.DEFINE_integer("per-row", 6, "samples drawn from each test image's context",
+                       flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("sample", "a grid of samples conditioned on public test neighbours (no private data)",
+         _define_sample, takes_config=True)
+def _sample(fv, config):
+  config = _need_config(config, "diffusion")
+  from dprdm_jax import sample  # pylint: disable=g-import-not-at-top
+  workdir = fv.workdir or config.train.workdir
+  out = fv.out or str(pathlib.Path(workdir) / "samples.png")
+  start = time.perf_counter()
+  result = sample.sample_grid(config, workdir, out, fv.rows, fv["per-row"].value)
+  result["seconds"] = time.perf_counter() - start
+  d = config.diffusion
+  text = (f"wrote {out}: {result['rows']} public test images x {result['per_row']} samples from "
+          f"the EMA parameters of step {result['checkpoint_step']} (context: the mean of "
+          f"{result['k']} public training neighbours; {d.sample_steps} DDIM steps, eta "
+          f"{d.eta}, guidance scale {d.guidance_scale}, x0 clipped to {d.clip_x0}) in "
+          f"{result['seconds']:.0f} s")
+  return text, result
+
+
 def _usage() -> str:
   lines = ["usage: dprdm COMMAND [ACTION] [--flags]   (add --help for the flags)", ""]
   lines += [f"  {' '.join(words):<18} {c.help}" for words, c in COMMANDS.items()]

@@ -103,6 +103,10 @@ def diffusion_config(**overrides) -> ml_collections.ConfigDict:
       timesteps=1000, beta_start=0.0015, beta_end=0.0195,
       sigma_max=0.05,  # training context noise s ~ U(0, sigma_max]
       p_uncond=0.1,  # conditioning dropout: trains the unconditional branch for guidance
-      sample_steps=50, eta=0.0, guidance_scale=2.0))
+      sample_steps=50, eta=0.0, guidance_scale=2.0,
+      # Sampling clips each x0 prediction to [-clip_x0, clip_x0]: pixel-space models (data in
+      # [-1, 1]) need it, as an eps error at t = T-1 reaches x0 multiplied by 1/sqrt(alpha-bar)
+      # = 84; set None for an unbounded latent space (diffusion/sampler.py).
+      clip_x0=1.0))
   config.update(overrides)
   return config

@@ -48,18 +48,22 @@ def _data_sharding(batch_size: int) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
+def open_image_tower(config: ml_collections.ConfigDict):
+  """The image encoder named by config.embed.image_tower (`dim`, `encode_images`)."""
+  spec = config.embed.image_tower
+  if spec == "default":
+    return image_lib.load(config.encoder.workdir, config.embed.batch_size,
+                          _data_sharding(config.embed.batch_size))
+  if spec.startswith("clip:"):
+    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
+    return clip.ClipEncoder.load(spec[len("clip:"):])
+  raise ValueError(f"embed.image_tower must be 'default' or 'clip:PATH', got {spec!r}")
+
+
 def open_towers(config: ml_collections.ConfigDict):
   """(image encoder, caption encoder function) named by config.embed."""
   from dprdm_jax.encoders import text as text_lib  # pylint: disable=g-import-not-at-top
-  sharding = _data_sharding(config.embed.batch_size)
-  spec = config.embed.image_tower
-  if spec == "default":
-    images = image_lib.load(config.encoder.workdir, config.embed.batch_size, sharding)
-  elif spec.startswith("clip:"):
-    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
-    images = clip.ClipEncoder.load(spec[len("clip:"):])
-  else:
-    raise ValueError(f"embed.image_tower must be 'default' or 'clip:PATH', got {spec!r}")
+  images = open_image_tower(config)
   spec = config.embed.text_tower
   if spec == "minilm":
     text = text_lib.TextEncoder.load()

@@ -37,8 +37,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from dprdm_jax import curves
+from dprdm_jax import embed
 from dprdm_jax import sharding
-from dprdm_jax.data import offline
 from dprdm_jax.data import pipeline
 from dprdm_jax.diffusion import conditioning
 from dprdm_jax.diffusion import loss as loss_lib
@@ -104,9 +105,8 @@ class Trainer:
     t, d = config.train, config.diffusion
 
     def build(seed):
-      return unet.UNet(self.model_config, nnx.Rngs(seed))
+      return unet.UNet(self.model_config, unet.init_rngs(seed))
 
-    self._build = build
     abstract = nnx.eval_shape(lambda: build(0))
     self.graphdef, param_state, _ = nnx.split(abstract, nnx.Param, ...)
     # The rest is the dropout layers' own RNG state, unused (each step passes its dropout key);
@@ -158,7 +158,8 @@ class Trainer:
       loss, grads = jax.value_and_grad(loss_fn)(state["params"])
       updates, opt = self.tx.update(grads, state["opt"], state["params"])
       params = optax.apply_updates(state["params"], updates)
-      ema = loss_lib.ema_update(state["ema"], params, t.ema_decay)
+      ema = loss_lib.ema_update(state["ema"], params,
+                                loss_lib.ema_decay(state["step"], t.ema_decay))
       metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                      learning_rate=self.learning_rate(state["step"]))
       return dict(step=state["step"] + 1, params=params, ema=ema, opt=opt), metrics
@@ -169,9 +170,7 @@ class Trainer:
 
   def model(self, params: dict) -> unet.UNet:
     """The U-Net with the given parameters (e.g. the EMA), a nested dict as in the state."""
-    graphdef, state, _ = nnx.split(nnx.eval_shape(lambda: self._build(0)), nnx.Param, ...)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state, self._rest)
+    return nnx.merge(self.graphdef, nnx.State(params), self._rest)
 
 
 def _run_once_options() -> Optional[dict]:
@@ -205,12 +204,18 @@ def restore(trainer: Trainer, workdir) -> Optional[dict]:
 
 
 class _Metrics:
-  """JSON lines and TensorBoard events from process 0, and a progress line."""
+  """JSON lines and TensorBoard events from process 0, and a progress line.
+
+  Each record's loss is the mean over the steps since the previous record (kept on device until
+  then, so logging adds no per-step synchronisation); the other values are the record's step's.
+  """
 
   def __init__(self, workdir: pathlib.Path, total: int, start: int, examples_per_step: int):
     self._on = jax.process_index() == 0
     self._examples = examples_per_step
     self._last = (start, time.perf_counter())
+    self._losses = []
+    self._workdir = workdir
     self._bar = None
     if not self._on:
       return
@@ -221,14 +226,29 @@ class _Metrics:
       import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
+  def restart_clock(self, step: int, metrics: dict) -> None:
+    """Times steps/s from the end of `step` (its metrics given): called after the first step, so
+    compilation is not counted."""
+    jax.block_until_ready(metrics)
+    self._last = (step, time.perf_counter())
+
+  def add(self, metrics: dict) -> None:
+    """Notes one step's metrics (device arrays; nothing waits for them here)."""
+    self._losses.append(metrics["loss"])
+
   def write(self, step: int, metrics: dict) -> None:
+    """Writes the record of `step`, whose metrics were the last `add`ed."""
     if not self._on:
+      self._losses.clear()
       return
+    # Fetching the values waits for the steps dispatched so far, so the clock is read after it.
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    record["loss"] = float(np.mean(jax.device_get(self._losses)))
+    self._losses.clear()
     last_step, last_time = self._last
     now = time.perf_counter()
     steps_per_second = (step - last_step) / max(now - last_time, 1e-9)
     self._last = (step, now)
-    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
     record.update(step=step, steps_per_second=steps_per_second,
                   examples_per_second=steps_per_second * self._examples)
     self._jsonl.write(json.dumps(record) + "\n")
@@ -247,11 +267,16 @@ class _Metrics:
             "examples/s", file=sys.stderr, flush=True)
 
   def close(self) -> None:
+    """Closes the files and plots the whole run's loss into WORKDIR/loss.svg."""
     if self._on:
       self._writer.close()
       self._jsonl.close()
       if self._bar is not None:
         self._bar.close()
+      metrics = self._workdir / "metrics.jsonl"
+      if metrics.stat().st_size:
+        curves.write_loss_svg(metrics, self._workdir / "loss.svg",
+                              f"dprdm train: loss, global batch {self._examples}")
 
 
 def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] = None) -> dict:
@@ -271,7 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
     print(f"sharding: {note}", file=sys.stderr)
 
   # Data
-  source = offline.load(config.data.public, "train", config.data.resolution)
+  source = embed.open_source(config, config.data.public, "train")
 
   # Restore or initialise
   state = restore(trainer, workdir)
@@ -295,7 +320,10 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
       if step >= t.steps:
         break
       state, metrics = trainer.train_step(state, sharding.global_batch(local, mesh))
+      metrics_out.add(metrics)
       step += 1
+      if step == start + 1:  # the first call compiled the step
+        metrics_out.restart_clock(step, metrics)
       if step % t.log_every == 0 or step == t.steps:
         metrics_out.write(step, metrics)
       preempted = manager.reached_preemption(step)

@@ -55,7 +55,8 @@ def test_training_resumes_to_the_uninterrupted_parameters(tower_dir, tmp_path):
 
 
 def _embed_command(tower, out):
-  return [sys.executable, "-c", "from dprdm_jax import cli; cli.run()", "embed", "--config=configs/default.py:tiny",
+  return [sys.executable, "-c", "from dprdm_jax import cli; cli.run()", "embed",
+          "--config=configs/default.py:tiny",
           f"--config.encoder.workdir={tower}", "--config.embed.chunk_size=500",
           "--dataset=fashion_mnist", "--split=test",
           f"--out={out}", "--json"]

@@ -1,9 +1,10 @@
 """Training on meshes: 1 device = 8 devices (data) = 8 devices (fsdp), one compilation; orbax
-checkpoints restore across device counts; SIGKILL and resume; two processes = one.
+checkpoints restore across device counts; SIGKILL and resume; two processes = one; the sample
+grid of the trained model.
 
 The tiny config with the real pipeline: the public images, their training neighbours in a store
-of (untrained) image-tower embeddings, the real U-Net, optax and orbax. Slow: every mesh compiles
-the U-Net's step (tens of seconds each on two cores).
+of embeddings from the tiny image tower (trained by `train_encoder`), the real U-Net, optax and
+orbax. Slow: every mesh compiles the U-Net's step (tens of seconds each on two cores).
 """
 
 import os
@@ -18,8 +19,11 @@ import jax
 import numpy as np
 import pytest
 
+from dprdm_jax import cli
+from dprdm_jax import sample
 from dprdm_jax import sharding
 from dprdm_jax import train
+from dprdm_jax import train_encoder
 from dprdm_jax.data import offline
 from dprdm_jax.data import pipeline
 from dprdm_jax.encoders import image as image_lib
@@ -32,12 +36,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def embeddings(tmp_path_factory):
+def tower(tmp_path_factory):
+  """The tiny config's image tower, trained for its 6 steps by the real train-encoder job."""
+  workdir = tmp_path_factory.mktemp("tower")
+  train_encoder.train(load("configs/default.py:tiny"), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def embeddings(tower, tmp_path_factory):
   """A store of the public train split's image embeddings, with its training neighbours."""
   source = offline.load("public", "train")
-  tower = image_lib.ImageEncoder(image_lib.init(image_lib.TowerConfig(width=32, depth=1), 0))
   path = tmp_path_factory.mktemp("embeddings") / "images"
-  store = store_lib.EmbeddingStore.write(path, tower.encode_images(source.images), ids=source.ids)
+  store = store_lib.EmbeddingStore.write(path, image_lib.load(tower).encode_images(source.images),
+                                         ids=source.ids)
   public.training_neighbors(store, 4)
   return path
 
@@ -158,3 +170,43 @@ def test_two_processes_equal_one(embeddings, uninterrupted, tmp_path):
     assert job.returncode == 0, err.decode()[-3000:]
   config = _config(embeddings)
   _assert_close(_final_params(config, workdir), _final_params(config, uninterrupted))
+
+
+def test_sample_grid_is_drawn_from_public_test_neighbours(embeddings, tower, uninterrupted,
+                                                          tmp_path):
+  overrides = (f"--config.train.embeddings={embeddings}", f"--config.encoder.workdir={tower}",
+               "--config.diffusion.sample_steps=3")
+  out = tmp_path / "grid.png"
+  assert cli.main(["dprdm", "sample", "--config=configs/default.py:tiny", *overrides,
+                   f"--workdir={uninterrupted}", f"--out={out}", "--rows=3", "--per-row=2"]) == 0
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  picture = np.asarray(Image.open(out))
+  k, tile = 4, 32 * 2 + 2  # tiles are 32x32 images at scale 2, 2-pixel gaps
+  assert picture.shape == (3 * tile + 2, (1 + k + 1 + 2) * tile + 2)
+  at = lambda i, j: picture[2 + i * tile:2 + i * tile + 64:2, 2 + j * tile:2 + j * tile + 64:2]
+
+  # Column 0: one public test image per class; then its k exact nearest public training images.
+  test, train_split = offline.load("public", "test"), offline.load("public", "train")
+  rows = test.read(sample.pick_rows(test, 3))
+  assert rows["label"].tolist() == [0, 1, 2]
+  store = store_lib.EmbeddingStore(embeddings)
+  keys = np.asarray(store.embeddings, np.float32)
+  scores = image_lib.load(tower).encode_images(rows["image"]) @ keys.T
+  best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  for i in range(3):
+    np.testing.assert_array_equal(at(i, 0), rows["image"][i, ..., 0])
+    neighbours = train_split.read(sample.positions_of(train_split, store.ids[best[i]]))["image"]
+    for j in range(k):
+      np.testing.assert_array_equal(at(i, 1 + j), neighbours[j, ..., 0])
+
+  # The samples: the EMA model drawn from the mean of those neighbours (6 images padded to the
+  # 8 devices), the same pixels for the same seed; two samples of one context differ.
+  config = _config(embeddings, *overrides[1:])
+  trainer, params, step = sample.load_ema(config, uninterrupted, sharding.make_mesh(config.mesh))
+  assert step == 8
+  contexts = np.repeat(keys[best].mean(axis=1, keepdims=True), 2, axis=0)
+  expected = sample.to_uint8(sample.draw(trainer, params, contexts, config.seed))
+  for i in range(3):
+    for j in range(2):
+      np.testing.assert_array_equal(at(i, 1 + k + 1 + j), expected[2 * i + j, ..., 0])
+  assert not np.array_equal(expected[0], expected[1])

@@ -30,6 +30,7 @@ class Source(Protocol):
   class_names: tuple[str, ...]
   resolution: int
   channels: int
+  ids: np.ndarray  # (n,) uint32: the id of the record at each position
 
   def __len__(self) -> int:
     ...

@@ -170,6 +170,10 @@ class TfdsSource:
   def __len__(self) -> int:
     return self._size
 
+  @property
+  def ids(self) -> np.ndarray:
+    return np.arange(self._size, dtype=np.uint32)
+
   def _record(self, position: int) -> tuple[np.ndarray, int, str]:
     example = self._records[position]
     label = int(example["label"]) if self._dataset.has_labels else -1

@@ -66,3 +66,18 @@ def ema_update(ema_params, params, decay):
   if isinstance(decay, numbers.Real) and not 0 <= decay <= 1:
     raise ValueError(f"decay must lie in [0, 1], got {decay}")
   return optax.incremental_update(params, ema_params, 1.0 - decay)
+
+
+def ema_decay(step, max_decay: float):
+  """The EMA decay of update number step + 1 (step = updates done before it), with LDM's warm-up.
+
+  decay = min(max_decay, (1 + n) / (10 + n)), n = step + 1, as latent diffusion's LitEma: the
+  first updates nearly copy the parameters (n = 1: 2/11), so the average forgets the random
+  initialisation (whose output layer is zero) within a few hundred steps instead of the
+  ~3/(1 - max_decay) steps a constant decay needs; it reaches max_decay = 0.999 at n = 8,991.
+  step may be traced.
+  """
+  if not 0 <= max_decay <= 1:
+    raise ValueError(f"max_decay must lie in [0, 1], got {max_decay}")
+  n = jnp.asarray(step, jnp.float32) + 1.0
+  return jnp.minimum(jnp.float32(max_decay), (1.0 + n) / (10.0 + n))

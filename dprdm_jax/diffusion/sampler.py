@@ -36,7 +36,9 @@ number the unconditional branch is skipped altogether.
 The x0 prediction is not clipped by default: the range of x0 belongs to the data (pixels in
 [-1, 1], or an unbounded latent), clipping is not part of the DDIM update and biases the sampled
 distribution whenever the prediction leaves the range, e.g. under strong guidance. Pixel-space
-models may opt in with clip_x0=1.0.
+models need clip_x0=1.0 in practice (the configs' diffusion.clip_x0): at t = T-1 an eps error
+reaches x0 multiplied by 1/sqrt(alpha-bar) = 84, and a model short of training then drives the
+sample far outside the data's range, where it was never trained to denoise.
 
 Randomness: `init_key, step_key = jax.random.split(key)`; x_T = normal(init_key, shape) and the
 noise of step number s (s = 0 for the first, noisiest step) is normal(fold_in(step_key, s), shape),

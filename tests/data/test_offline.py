@@ -1,4 +1,5 @@
-"""The offline default's datasets: counts, class balance, captions, ids, padding, safe unpickling."""
+"""The offline default's datasets: counts, class balance, captions, ids, padding, safe
+unpickling."""
 
 import gzip
 import pickle

@@ -102,6 +102,23 @@ def test_ema_update():
       loss_lib.ema_update(ema, new, bad)
 
 
+def test_ema_decay_warms_up_like_ldm_then_stays_at_its_maximum():
+  steps = np.array([0, 1, 8, 89, 989, 20_000])
+  got = np.asarray(jax.jit(loss_lib.ema_decay, static_argnums=1)(steps, 0.999))
+  n = steps + 1
+  np.testing.assert_allclose(got, np.minimum(0.999, (1 + n) / (10 + n)), rtol=1e-6)
+  np.testing.assert_allclose(got[:4], [2 / 11, 3 / 12, 10 / 19, 0.91], rtol=1e-6)
+  assert got[-1] == np.float32(0.999) and np.all(np.diff(got) >= 0)
+  # After 200 updates from zeros towards ones the warmed-up average is within 5% of the target;
+  # with the constant decay it would still be at 18%.
+  ema = jnp.zeros(())
+  for step in range(200):
+    ema = loss_lib.ema_update(ema, jnp.ones(()), loss_lib.ema_decay(step, 0.999))
+  assert 0.95 < float(ema) <= 1.0 and 1 - 0.999**200 < 0.19
+  with pytest.raises(ValueError):
+    loss_lib.ema_decay(0, 1.5)
+
+
 def test_ema_update_on_nnx_state():
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)

@@ -1,4 +1,5 @@
-"""The aggregation kernel: noise (shape, scale, purity), sensitivity 2/k (R2), clipping, sharding."""
+"""The aggregation kernel: noise (shape, scale, purity), sensitivity 2/k (R2), clipping,
+sharding."""
 
 import jax
 from jax.sharding import NamedSharding
@@ -70,7 +71,8 @@ def test_sensitivity_is_two_over_k_for_add_or_remove_one(k, n, q):
     db[n] = query * 10  # the added record is the best match, the worst case
     sampled = rng.random(n + 1) < q
     sampled[n] = True
-    pairs.append((exact_topk(db[:n], sampled[:n], query, k), exact_topk(db, sampled, query, k), query))
+    pairs.append((exact_topk(db[:n], sampled[:n], query, k), exact_topk(db, sampled, query, k),
+                  query))
   x = np.stack([p[0][0] for p in pairs] + [p[1][0] for p in pairs])
   v = np.stack([p[0][1] for p in pairs] + [p[1][1] for p in pairs])
   queries = np.stack([p[2] for p in pairs] * 2)
@@ -137,8 +139,8 @@ def test_interpolation_with_query_and_with_public_neighbours():
   private = run(x, valid, q, 0.2, interpolation=1.0)  # the noisy mean alone
   assert private.shape == (b, 1, d)
   unit_q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-  np.testing.assert_allclose(run(x, valid, q, 0.2, lam), lam * private + (1 - lam) * unit_q[:, None],
-                             atol=1e-6)
+  np.testing.assert_allclose(run(x, valid, q, 0.2, lam),
+                             lam * private + (1 - lam) * unit_q[:, None], atol=1e-6)
   mixed = run(x, valid, q, 0.2, lam, public=public)
   assert mixed.shape == (b, k, d)
   np.testing.assert_allclose(mixed, lam * private + (1 - lam) * public, atol=1e-6)
@@ -189,7 +191,7 @@ def test_block_size_changes_speed_not_results():
   nk = noise_keys(b)
   flat = np.asarray(agg.aggregate(x, valid, q, nk, 0.3, 0.6, block_size=None))
   for block in (1, 5, 16, -1):  # 5 and 16 leave a remainder block
-    np.testing.assert_allclose(np.asarray(agg.aggregate(x, valid, q, nk, 0.3, 0.6, block_size=block)),
-                               flat, atol=1e-6)
+    blocked = agg.aggregate(x, valid, q, nk, 0.3, 0.6, block_size=block)
+    np.testing.assert_allclose(np.asarray(blocked), flat, atol=1e-6)
   assert agg.default_block_size(jnp.zeros((1024, 64, 512))) == 8
   assert agg.default_block_size(jnp.zeros((1024, 4, 384))) is None  # 6 MB: one pass

@@ -60,7 +60,8 @@ def test_unsampled_records_cannot_change_the_result():
   outside = ~ref.members(ids, keys, q)[0]
   changed = rows.copy()
   changed[outside] = queries[0] * 100  # unsampled records made perfect matches
-  np.testing.assert_array_equal(as_int_ids(run(changed, ids, queries, q, k, keys)), as_int_ids(base))
+  np.testing.assert_array_equal(as_int_ids(run(changed, ids, queries, q, k, keys)),
+                                as_int_ids(base))
   kept = ~outside
   deleted = run(rows[kept], ids[kept], queries, q, k, keys)
   np.testing.assert_array_equal(as_int_ids(deleted), as_int_ids(base))

@@ -21,7 +21,8 @@ def test_rate_is_q_and_queries_are_independent(q):
   assert abs(member.mean() - q) < 5 * np.sqrt(q * (1 - q) / n)
   # Subsample sizes per query are Binomial(N, q).
   sizes = member.sum(axis=1)
-  assert stats.kstest((sizes - len(ids) * q) / np.sqrt(len(ids) * q * (1 - q)), "norm").pvalue > 1e-3
+  standardised = (sizes - len(ids) * q) / np.sqrt(len(ids) * q * (1 - q))
+  assert stats.kstest(standardised, "norm").pvalue > 1e-3
   # Two queries' memberships are independent: the joint rate is q^2.
   both = (member[:-1] & member[1:]).mean()
   assert abs(both - q * q) < 5 * np.sqrt(q * q / (member[1:].size)) + 1e-4

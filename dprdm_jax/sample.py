@@ -1,0 +1,162 @@
+"""`dprdm sample`: what a trained U-Net draws when conditioned on public test neighbours.
+
+A check of the generator alone, before any private data is involved: for one public test image
+per class (up to --rows), the image tower embeds it, the k nearest rows of the public training
+image store (exact search, the store `dprdm train` conditioned on) are averaged into one context
+token, as in training, and the U-Net's EMA parameters draw --per-row samples from that context by
+DDIM with classifier-free guidance (config.diffusion: sample_steps, eta, guidance_scale, clip_x0).
+
+The grid has one row per test image: the test image, its k public neighbours, a gap, then the
+samples. The test image itself is never in the context (the public test split is not in the
+training store), so a row shows whether the model turns a neighbourhood of public embeddings into
+images of that neighbourhood. Nothing here reads private data or spends privacy budget.
+"""
+
+import pathlib
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from dprdm_jax import embed
+from dprdm_jax import sharding
+from dprdm_jax import train
+from dprdm_jax.data import source as source_lib
+from dprdm_jax.diffusion import sampler
+from dprdm_jax.retrieval import store as store_lib
+
+
+def pick_rows(source: source_lib.Source, rows: int) -> np.ndarray:
+  """Positions of the first record of each class in label order, then of each class again.
+
+  Deterministic: the same split gives the same rows. A source without labels gives its first rows.
+  """
+  labels = source.read(np.arange(len(source)))["label"]
+  if (labels < 0).all():
+    return np.arange(min(rows, len(source)))
+  order = np.argsort(labels, kind="stable")
+  rank = np.empty(len(labels), np.int64)  # a record's rank among the records of its class
+  starts = np.searchsorted(labels[order], labels[order])
+  rank[order] = np.arange(len(labels)) - starts
+  by_round = np.lexsort((labels, rank))  # first of every class, then the second of every class
+  return by_round[:rows]
+
+
+def positions_of(source: source_lib.Source, ids: np.ndarray) -> np.ndarray:
+  """The positions in `source` of records by id; ValueError if one is not there."""
+  order = np.argsort(source.ids, kind="stable")
+  sorted_ids = source.ids[order]
+  found = np.minimum(np.searchsorted(sorted_ids, ids), len(order) - 1)
+  if not np.array_equal(sorted_ids[found], ids):
+    raise ValueError(f"{source.name} does not hold every id of the store; the store must embed "
+                     "the same split")
+  return order[found]
+
+
+def nearest(queries: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+  """(n, k) row positions in `keys` of each query's k largest inner products, ties to lower rows.
+
+  Exact: every key is scored. Public data only (this is not the private retrieval of R1).
+  """
+  scores = queries.astype(np.float32) @ keys.astype(np.float32).T
+  return np.lexsort((np.broadcast_to(np.arange(len(keys)), scores.shape), -scores))[:, :k]
+
+
+def load_ema(config: ml_collections.ConfigDict, workdir,
+             mesh: jax.sharding.Mesh) -> tuple[train.Trainer, dict, int]:
+  """(trainer, EMA parameters, step) of the latest checkpoint of `dprdm train` in `workdir`."""
+  trainer = train.Trainer(config, mesh)
+  state = train.restore(trainer, workdir)
+  if state is None:
+    raise FileNotFoundError(f"{workdir} holds no checkpoint of `dprdm train`; train first")
+  return trainer, state["ema"], int(state["step"])
+
+
+def draw(trainer: train.Trainer, params: dict, contexts: np.ndarray, seed: int) -> np.ndarray:
+  """Samples (n, R, R, C) in [-1, 1] for contexts (n, L, d), one compiled DDIM program.
+
+  The batch is padded to a multiple of the mesh's batch devices and split over them.
+  """
+  config, c = trainer.config.diffusion, trainer.model_config
+  mesh = trainer.mesh
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  n = len(contexts)
+  padded = np.zeros((-(-n // devices) * devices,) + contexts.shape[1:], np.float32)
+  padded[:n] = contexts
+  batch_sharding = sharding.batch_sharding(mesh)
+  shape = (len(padded), c.resolution, c.resolution, c.out_channels)
+
+  @jax.jit
+  def run(params, key, context):
+    model = trainer.model(params)
+    return sampler.ddim_sample(
+        lambda x, t, ctx: model(x, t, ctx, deterministic=True), trainer.schedule, key, shape,
+        context, num_steps=config.sample_steps, eta=config.eta,
+        guidance_scale=config.guidance_scale, clip_x0=config.clip_x0, sharding=batch_sharding)
+
+  context = jax.device_put(padded, batch_sharding)
+  return np.asarray(run(params, jax.random.key(seed), context))[:n]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats (the training scale) -> uint8 pixels, clipped."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def grid(rows: list[list[Optional[np.ndarray]]], scale: int = 2, gap: int = 2) -> np.ndarray:
+  """Tiles (R, R, C) uint8 images into one (H, W, C) picture; None leaves a blank tile."""
+  tile = next(image for row in rows for image in row if image is not None)
+  r, channels = tile.shape[0], tile.shape[2]
+  cols = max(len(row) for row in rows)
+  step = r * scale + gap
+  out = np.full((len(rows) * step + gap, cols * step + gap, channels), 96, np.uint8)
+  for i, row in enumerate(rows):
+    for j, image in enumerate(row):
+      if image is not None:
+        big = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+        top, left = gap + i * step, gap + j * step
+        out[top:top + r * scale, left:left + r * scale] = big
+  return out
+
+
+def write_png(picture: np.ndarray, path) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  mode = "L" if picture.shape[2] == 1 else "RGB"
+  Image.fromarray(picture[..., 0] if mode == "L" else picture, mode).save(path)
+
+
+def sample_grid(config: ml_collections.ConfigDict, workdir, out, rows: int = 20,
+                per_row: int = 6) -> dict:
+  """Draws the grid described in the module docstring, writes it to `out` (PNG); a summary.
+
+  k = config.train.num_neighbors, the number of neighbours the model was trained on.
+  """
+  k = config.train.num_neighbors
+  if rows < 1 or per_row < 1:
+    raise ValueError(f"rows and per_row must be >= 1, got {rows} and {per_row}")
+  mesh = sharding.make_mesh(config.mesh)
+  trainer, params, step = load_ema(config, workdir, mesh)
+
+  test = embed.open_source(config, config.data.public, "test")
+  public = embed.open_source(config, config.data.public, "train")
+  chosen = test.read(pick_rows(test, rows))
+  encoder = embed.open_image_tower(config)
+  queries = encoder.encode_images(chosen["image"])
+  store = store_lib.EmbeddingStore(config.train.embeddings)
+  keys = np.asarray(store.embeddings, np.float32)
+  found = nearest(queries, keys, k)
+  contexts = keys[found].mean(axis=1, keepdims=True)  # (n, 1, d): the training context, noiseless
+  samples = to_uint8(draw(trainer, params, np.repeat(contexts, per_row, axis=0), config.seed))
+
+  neighbours = public.read(positions_of(public, store.ids[found].reshape(-1)))["image"]
+  neighbours = neighbours.reshape(found.shape + neighbours.shape[1:])
+  picture = grid([[chosen["image"][i], *neighbours[i], None,
+                   *samples[i * per_row:(i + 1) * per_row]] for i in range(len(found))])
+  write_png(picture, out)
+  d = config.diffusion
+  return dict(out=str(out), checkpoint_step=step, rows=len(found), per_row=per_row, k=k,
+              captions=[str(c) for c in chosen["caption"]], sample_steps=d.sample_steps,
+              eta=d.eta, guidance_scale=d.guidance_scale, clip_x0=d.clip_x0, seed=config.seed)
