@@ -154,7 +154,7 @@ PAPER_CONFIG = UNetConfig(
     head_channels=32, transformer_depth=1, context_dim=512, norm_groups=32)
 
 # The offline default, sized by measurement on two CPU cores (batch 64, float32, forward, backward
-# and AdamW): 1,577,124 parameters; 1.2-1.5 s a step (42-53 examples/s) and 230-280 images/s
+# and AdamW): 1,577,124 parameters; 1.15-1.5 s a step (42-55 examples/s) and 230-280 images/s
 # forward. Without patches (patch_size=1) the same widths take 10 s a step (6 examples/s); with
 # attention only in the middle (attention_resolutions=()) 57-71 examples/s.
 OFFLINE_CONFIG = UNetConfig()
