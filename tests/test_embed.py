@@ -72,14 +72,16 @@ def test_embedding_job_survives_sigkill(tower_dir, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   job = subprocess.Popen(_embed_command(tower_dir, out), cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  # Finished chunks only: a chunk being written is chunk-NNNNN.tmp.npz until it is renamed.
+  finished = lambda: sorted(p.name for p in (out / "chunks").glob("chunk-?????.npz"))
   deadline = time.monotonic() + 300
-  while len(list((out / "chunks").glob("chunk-*.npz"))) < 3:
+  while len(finished()) < 3:
     assert job.poll() is None, job.stderr.read().decode()[-2000:]
     assert time.monotonic() < deadline
     time.sleep(0.01)
   job.send_signal(signal.SIGKILL)
   job.wait()
-  done = sorted(p.name for p in (out / "chunks").glob("chunk-*.npz"))
+  done = finished()
   assert 3 <= len(done) < 20, done
   assert not (out / "images" / "manifest.json").exists()
 
