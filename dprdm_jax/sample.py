@@ -1,9 +1,10 @@
 """`dprdm sample`: what a trained U-Net draws when conditioned on public test neighbours.
 
 A check of the generator alone, before any private data is involved: for one public test image
-per class (up to --rows), the image tower embeds it, the k nearest rows of the public training
-image store (exact search, the store `dprdm train` conditioned on) are averaged into one context
-token, as in training, and the U-Net's EMA parameters draw --per-row samples from that context by
+per class (up to --rows), the image tower embeds it; its k nearest rows in the public training
+image store that `dprdm train` conditioned on (found with the ScaNN index as the training
+neighbours were: exact below retrieval.index.EXACT_MAX_ROWS rows) are averaged into one context
+token, as in training; and the U-Net's EMA parameters draw --per-row samples from that context by
 DDIM with classifier-free guidance (config.diffusion: sample_steps, eta, guidance_scale, clip_x0).
 
 The grid has one row per test image: the test image, its k public neighbours, a gap, then the
@@ -24,6 +25,7 @@ from dprdm_jax import sharding
 from dprdm_jax import train
 from dprdm_jax.data import source as source_lib
 from dprdm_jax.diffusion import sampler
+from dprdm_jax.retrieval import index as index_lib
 from dprdm_jax.retrieval import store as store_lib
 
 
@@ -52,15 +54,6 @@ def positions_of(source: source_lib.Source, ids: np.ndarray) -> np.ndarray:
     raise ValueError(f"{source.name} does not hold every id of the store; the store must embed "
                      "the same split")
   return order[found]
-
-
-def nearest(queries: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-  """(n, k) row positions in `keys` of each query's k largest inner products, ties to lower rows.
-
-  Exact: every key is scored. Public data only (this is not the private retrieval of R1).
-  """
-  scores = queries.astype(np.float32) @ keys.astype(np.float32).T
-  return np.lexsort((np.broadcast_to(np.arange(len(keys)), scores.shape), -scores))[:, :k]
 
 
 def load_ema(config: ml_collections.ConfigDict, workdir,
@@ -147,7 +140,9 @@ def sample_grid(config: ml_collections.ConfigDict, workdir, out, rows: int = 20,
   queries = encoder.encode_images(chosen["image"])
   store = store_lib.EmbeddingStore(config.train.embeddings)
   keys = np.asarray(store.embeddings, np.float32)
-  found = nearest(queries, keys, k)
+  # Searched as the training neighbours were (retrieval/public.py): public data, no subsample.
+  index = index_lib.ScannIndex.build(keys, store.ids, index_lib.index_config(len(store)))
+  found = np.searchsorted(store.ids, index.search(queries, k)[0])
   contexts = keys[found].mean(axis=1, keepdims=True)  # (n, 1, d): the training context, noiseless
   samples = to_uint8(draw(trainer, params, np.repeat(contexts, per_row, axis=0), config.seed))
 

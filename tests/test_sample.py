@@ -30,19 +30,6 @@ def test_rows_without_labels_are_the_first_records():
   assert sample.pick_rows(_source([-1] * 5), 3).tolist() == [0, 1, 2]
 
 
-def test_nearest_is_exact_with_ties_to_the_lower_row():
-  rng = np.random.default_rng(0)
-  keys = rng.normal(size=(50, 8)).astype(np.float32)
-  keys[7] = keys[30]  # a tie
-  queries = np.concatenate([rng.normal(size=(4, 8)), keys[30:31] * 5]).astype(np.float32)
-  got = sample.nearest(queries, keys, 5)
-  scores = queries @ keys.T
-  for q in range(len(queries)):
-    expected = sorted(range(len(keys)), key=lambda j: (-scores[q, j], j))[:5]
-    assert got[q].tolist() == expected
-  assert got[-1][:2].tolist() == [7, 30]
-
-
 def test_positions_of_ids_in_any_order():
   toy = _source([0, 1, 2, 0], ids=[40, 10, 30, 20])
   assert sample.positions_of(toy, np.array([20, 40, 10, 20], np.uint32)).tolist() == [3, 0, 1, 3]
