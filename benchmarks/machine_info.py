@@ -4,10 +4,13 @@
 the benchmark used while it ran, so that a table measured on a busy machine says so.
 """
 
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 
@@ -80,3 +83,16 @@ def median_seconds(fn, reps: int, warmup: int = 0) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def run_contenders(argv: list[str], names) -> dict[str, tuple[list[str], dict]]:
+  """Runs `argv[0] --contender=NAME argv[1:]` for each name, one after the other, each in its own
+  process (thread pools of two runtimes in one process compete); {name: (its printed lines, the
+  JSON object of its last line)}."""
+  results = {}
+  for name in names:
+    run = subprocess.run([sys.executable, argv[0], f"--contender={name}"] + argv[1:],
+                         capture_output=True, text=True, check=True)
+    lines = run.stdout.strip().splitlines()
+    results[name] = (lines[:-1], json.loads(lines[-1]))
+  return results

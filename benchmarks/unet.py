@@ -23,8 +23,6 @@ loads).
 """
 
 import json
-import subprocess
-import sys
 
 from absl import app
 from absl import flags
@@ -155,12 +153,9 @@ def main(argv):
   load_meter = machine_info.BackgroundLoad()
   load_meter.start()
   rates = {}
-  for name in ("ours", "diffusers"):
-    run = subprocess.run([sys.executable, argv[0], f"--contender={name}"] + argv[1:],
-                         capture_output=True, text=True, check=True)
-    lines = run.stdout.strip().splitlines()
-    print("\n".join(lines[:-1]))
-    rates[name] = json.loads(lines[-1])
+  for name, (lines, rate) in machine_info.run_contenders(argv, ("ours", "diffusers")).items():
+    print("\n".join(lines))
+    rates[name] = rate
   (ot, os_), (pt, ps) = rates["ours"], rates["diffusers"]
   print(f"training: ours {ot:,.1f} examples/s, diffusers {pt:,.1f} examples/s, ratio "
         f"{ot / pt:.2f}x")

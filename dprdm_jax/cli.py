@@ -357,7 +357,7 @@ def _need_config(config, name: str) -> ml_collections.ConfigDict:
   return config
 
 
-@command("train-encoder", "train the default image tower on the public data", _define_train_encoder,
+@command("train-encoder", "fit the image towers on the public data", _define_train_encoder,
          takes_config=True)
 def _train_encoder(fv, config):
   from dprdm_jax import train_encoder  # pylint: disable=g-import-not-at-top
@@ -374,8 +374,12 @@ def _train_encoder(fv, config):
       f"(chance {figures['chance']['fashion_mnist']:.3f}; a domain the tower never saw)",
       f"  retrieval accuracy (share of the top {k} Fashion-MNIST train records of each class "
       f"prompt that have its class; exact search, no subsample):",
-      f"    image keys   {figures[f'retrieval_accuracy_image_keys_top{k}']:.4f}",
-      f"    caption keys {figures[f'retrieval_accuracy_caption_keys_top{k}']:.4f}"])
+      f"    contrastive image keys {figures[f'retrieval_accuracy_image_keys_top{k}']:.4f}",
+      f"    linear image keys      "
+      f"{figures[f'retrieval_accuracy_linear_image_keys_top{k}']:.4f}",
+      f"    caption keys           {figures[f'retrieval_accuracy_caption_keys_top{k}']:.4f}",
+      f"linear tower (value embedding, d = {config.encoder.linear_dim}) in "
+      f"{workdir}/linear_tower.npz"])
   return text, dict(workdir=str(workdir), **figures)
 
 
@@ -474,6 +478,108 @@ def _sample(fv, config):
   return text, result
 
 
+def _define_generate(fv):
+  flags.DEFINE_string("prompt", None, "one prompt (or use --prompts)", flag_values=fv)
+  flags.DEFINE_string("prompts", None, "a UTF-8 text file, one prompt per line", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory (default: the config's generate.out/MODE)",
+                      flag_values=fv)
+  flags.DEFINE_enum("mode", "private", ["private", "public", "nonprivate", "none"],
+                    "private: DP-RDM, charged to the ledger; public: k nearest public records "
+                    "(free); nonprivate: the private set with q = 1 and no noise (epsilon = "
+                    "infinity, needs --allow-nonprivate); none: the prompt alone (free)",
+                    flag_values=fv)
+  flags.DEFINE_string("ledger", None, "budget ledger file (default: the config's generate.ledger)",
+                      flag_values=fv)
+  flags.DEFINE_integer("repeat", 1, "images per prompt (each one query)", flag_values=fv)
+  flags.DEFINE_bool("allow-nonprivate", False, "allow --mode nonprivate (a comparison that "
+                    "releases the private set without protection)", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("generate", "DP-RDM: images of the private domain from prompts, charged to the budget",
+         _define_generate, takes_config=True)
+def _generate(fv, config):
+  config = _need_config(config, "generate")
+  from dprdm_jax import generate  # pylint: disable=g-import-not-at-top
+  if (fv.prompt is None) == (fv.prompts is None):
+    raise UsageError("give exactly one of --prompt TEXT and --prompts FILE")
+  if fv.repeat < 1:
+    raise UsageError(f"--repeat must be >= 1, got {fv.repeat}")
+  prompts = [fv.prompt] if fv.prompt is not None else generate.read_prompts(fv.prompts)
+  prompts = [p for p in prompts for _ in range(fv.repeat)]
+  out = fv.out or str(pathlib.Path(config.generate.out) / fv.mode)
+  result = generate.generate(config, prompts, out, fv.mode, fv.ledger,
+                             allow_nonprivate=fv["allow-nonprivate"].value)
+  if fv.mode == "private":
+    with ledger_lib.Ledger(fv.ledger or config.generate.ledger) as book:
+      spent = next(s for s in book.status() if s.budget.fingerprint == result["dataset"])
+    result.update(epsilon_spent=spent.epsilon_spent, epsilon_remaining=spent.epsilon_remaining,
+                  queries_charged=spent.queries)
+    privacy = (f"dataset {result['dataset'][:16]}...: {spent.queries:,} private queries charged, "
+               f"epsilon spent {_fmt_eps(spent.epsilon_spent)} of {spent.budget.epsilon_budget:g} "
+               f"at delta {result['delta']:.3g} ({result['accountant'].upper()}, {ADJACENCY} "
+               f"adjacency)")
+  else:
+    privacy = result["note"]
+  text = (f"wrote {result['generated_now']:,} of {result['prompts']:,} images ({fv.mode}) to "
+          f"{out} in {result['seconds']:,.0f} s ({result['images_per_second']:.2f} images/s on "
+          f"{result['devices']} {jax.default_backend().upper()} device(s)); {privacy}")
+  return text, result
+
+
+def _define_workdir_json(fv):
+  flags.DEFINE_string("workdir", None, "work directory (default: the config's classifier.workdir)",
+                      flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("train-classifier", "train the evaluation classifier (public data, Fashion-MNIST test)",
+         _define_workdir_json, takes_config=True)
+def _train_classifier(fv, config):
+  config = _need_config(config, "classifier")
+  from dprdm_jax.evaluate import classifier  # pylint: disable=g-import-not-at-top
+  workdir = fv.workdir or config.classifier.workdir
+  figures = classifier.train(config, workdir)
+  sizes = figures["test_sizes"]
+  text = (f"evaluation classifier in {workdir}: test accuracy {figures['accuracy_public']:.4f} on "
+          f"the public test split ({sizes['public']:,} images, 20 classes), "
+          f"{figures['accuracy_fashion_mnist']:.4f} on the odd half of Fashion-MNIST test "
+          f"({sizes['fashion_mnist']:,} images, 10 classes); 30-way classification")
+  return text, dict(workdir=str(workdir), **figures)
+
+
+def _define_hit_rate(fv):
+  _define_workdir_json(fv)
+  flags.DEFINE_list("dirs", None, "output directories of `dprdm generate`", flag_values=fv)
+
+
+@command("hit-rate", "class and domain hit-rates of generated images (evaluation classifier)",
+         _define_hit_rate, takes_config=True)
+def _hit_rate(fv, config):
+  config = _need_config(config, "classifier")
+  from dprdm_jax.evaluate import classifier  # pylint: disable=g-import-not-at-top
+  if not fv.dirs:
+    raise UsageError("--dirs is required")
+  model = classifier.load(fv.workdir or config.classifier.workdir)
+  rows, lines = {}, []
+  for directory in fv.dirs:
+    records, images = classifier.read_generated(directory)
+    r = classifier.hit_rates(model, [x["prompt"] for x in records], images)
+    r.update(mode=records[0]["mode"], epsilon=records[-1].get("epsilon_spent",
+                                                              records[-1].get("epsilon")))
+    rows[directory] = r
+    eps = r["epsilon"]
+    eps_text = (f"epsilon {eps:.3f} at delta {records[-1]['delta']:.3g} "
+                f"({records[-1]['accountant'].upper()}, {ADJACENCY})"
+                if isinstance(eps, float) and records[0]["mode"] == "private" else
+                f"epsilon {eps}")
+    lines.append(f"{directory}: {r['mode']}, {r['images']} images, class hit-rate "
+                 f"{r['class_hit_rate']:.3f} +- {r['class_hit_rate_se']:.3f}, domain hit-rate "
+                 f"{r['domain_hit_rate']:.3f} +- {r['domain_hit_rate_se']:.3f} (chance "
+                 f"{r['chance_class']:.3f} over 30 classes; +- one standard error); {eps_text}")
+  return "\n".join(lines), rows
+
+
 def _usage() -> str:
   lines = ["usage: dprdm COMMAND [ACTION] [--flags]   (add --help for the flags)", ""]
   lines += [f"  {' '.join(words):<18} {c.help}" for words, c in COMMANDS.items()]
@@ -522,6 +628,7 @@ def main(argv: list[str]) -> int:
       raise UsageError(f"unexpected argument {rest[1]!r}")
     text, data = cmd.execute(fv, config)
   except (flags.Error, UsageError, ValueError, OSError, ledger_lib.LedgerError) as e:
+    # GenerateError and StoreError are ValueErrors; BudgetExceededError is a LedgerError.
     # Config errors arrive as multi-line reports with a traceback inside; the last line says why.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     print(f"{name}: error: {lines[-1]}", file=sys.stderr)

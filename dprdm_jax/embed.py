@@ -24,6 +24,7 @@ from dprdm_jax.data import offline
 from dprdm_jax.data import pipeline
 from dprdm_jax.data import source as source_lib
 from dprdm_jax.encoders import image as image_lib
+from dprdm_jax.encoders import linear as linear_lib
 from dprdm_jax.retrieval import store as store_lib
 
 KINDS = ("images", "captions")
@@ -51,30 +52,36 @@ def _data_sharding(batch_size: int) -> jax.sharding.NamedSharding:
 def open_image_tower(config: ml_collections.ConfigDict):
   """The image encoder named by config.embed.image_tower (`dim`, `encode_images`)."""
   spec = config.embed.image_tower
-  if spec == "default":
+  if spec == "linear":
+    return linear_lib.load(config.encoder.workdir)
+  if spec == "contrastive":
     return image_lib.load(config.encoder.workdir, config.embed.batch_size,
                           _data_sharding(config.embed.batch_size))
   if spec.startswith("clip:"):
     from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
     return clip.ClipEncoder.load(spec[len("clip:"):])
-  raise ValueError(f"embed.image_tower must be 'default' or 'clip:PATH', got {spec!r}")
+  raise ValueError(
+      f"embed.image_tower must be 'linear', 'contrastive' or 'clip:PATH', got {spec!r}")
+
+
+def open_text_tower(config: ml_collections.ConfigDict):
+  """(text encoder, centre or None) named by config.embed.text_tower: captions and prompts are
+  embedded as encoder.encode_text(texts, center=centre), so that they share one space."""
+  spec = config.embed.text_tower
+  if spec == "minilm":
+    from dprdm_jax.encoders import text as text_lib  # pylint: disable=g-import-not-at-top
+    text = text_lib.TextEncoder.load()
+    return text, text.fit_center(list(offline.caption_vocabulary()))
+  if spec.startswith("clip:"):
+    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
+    return clip.ClipEncoder.load(spec[len("clip:"):]), None
+  raise ValueError(f"embed.text_tower must be 'minilm' or 'clip:PATH', got {spec!r}")
 
 
 def open_towers(config: ml_collections.ConfigDict):
   """(image encoder, caption encoder function) named by config.embed."""
-  from dprdm_jax.encoders import text as text_lib  # pylint: disable=g-import-not-at-top
-  images = open_image_tower(config)
-  spec = config.embed.text_tower
-  if spec == "minilm":
-    text = text_lib.TextEncoder.load()
-    center = text.fit_center(list(offline.caption_vocabulary()))
-    captions = lambda c: text.encode_text(c, center=center)
-  elif spec.startswith("clip:"):
-    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
-    captions = clip.ClipEncoder.load(spec[len("clip:"):]).encode_text
-  else:
-    raise ValueError(f"embed.text_tower must be 'minilm' or 'clip:PATH', got {spec!r}")
-  return images, captions
+  text, center = open_text_tower(config)
+  return open_image_tower(config), lambda c: text.encode_text(c, center=center)
 
 
 def _chunk_path(out: pathlib.Path, i: int) -> pathlib.Path:

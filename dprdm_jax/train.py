@@ -305,10 +305,13 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
     state = trainer.init(t.seed)
   else:
     print(f"resumed from step {start}", file=sys.stderr)
+  context = NeighbourContext(source, t.embeddings, t.num_neighbors)
+  if context.dim != trainer.model_config.context_dim:
+    raise ValueError(f"the store {t.embeddings} holds d = {context.dim} embeddings but the U-Net "
+                     f"reads d = {trainer.model_config.context_dim} (config.model.context_dim)")
   batches = pipeline.TrainBatches(
       source, t.batch_size, t.seed, start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      transform=NeighbourContext(source, t.embeddings, t.num_neighbors))
+      process_count=jax.process_count(), transform=context)
 
   # Loop
   manager = _checkpoint_manager(workdir, config)

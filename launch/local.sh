@@ -61,9 +61,10 @@ fi
 export PATH="$PWD/$venv/bin:$PATH"
 case "$job" in
   demo)
-    # The offline default, end to end as far as it goes today: the image tower (public data
-    # only), the embedding stores of the public set and of the private set, then the privacy
-    # plan of the default settings. Each step resumes or skips what a previous run finished.
+    # The offline default, end to end as far as it goes today: the image towers (public data
+    # only), the embedding stores of the public set and of the private set, the evaluation
+    # classifier, then the privacy plan of the default settings. Each step resumes or skips what
+    # a previous run finished. `dprdm train` and `dprdm generate` follow by hand (README).
     config=configs/default.py
     dprdm train-encoder --config "$config" "$@"
     for part in public fashion_mnist; do
@@ -74,6 +75,7 @@ case "$job" in
         dprdm embed --config "$config" --dataset "$part" --split train --out "$out" "$@"
       fi
     done
+    dprdm train-classifier --config "$config" "$@"
     dprdm privacy plan --config "$config" "$@"
     ;;
   test)
@@ -87,6 +89,12 @@ case "$job" in
     python benchmarks/accounting.py
     python benchmarks/retrieval.py
     python benchmarks/unet.py
+    python benchmarks/value_embedding.py
+    if [ -d runs/default/unet/checkpoints ]; then
+      python benchmarks/generate.py
+    else
+      echo "== benchmarks/generate.py skipped: train the default U-Net first (README)" >&2
+    fi
     ;;
   *)
     echo "usage: bash launch/local.sh demo|test|bench|train [args]" >&2

@@ -135,6 +135,7 @@ def test_bad_ledger_exits_2(capsys, tmp_path):
   assert status == 2 and "no ledger file" in err and err.count("\n") == 1
   junk = tmp_path / "junk.db"
   junk.write_bytes(b"garbage" * 1000)
+  junk.chmod(0o600)
   status, _, err = dprdm(capsys, "budget", "status", "--ledger", str(junk))
   assert status == 2 and "cannot read ledger" in err and err.count("\n") == 1
 

@@ -26,7 +26,7 @@ from dprdm_jax import train
 from dprdm_jax import train_encoder
 from dprdm_jax.data import offline
 from dprdm_jax.data import pipeline
-from dprdm_jax.encoders import image as image_lib
+from dprdm_jax.encoders import linear as linear_lib
 from dprdm_jax.retrieval import public
 from dprdm_jax.retrieval import store as store_lib
 from tests.test_configs import load
@@ -37,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tower(tmp_path_factory):
-  """The tiny config's image tower, trained for its 6 steps by the real train-encoder job."""
+  """The tiny config's image towers, fitted by the real train-encoder job (6 steps)."""
   workdir = tmp_path_factory.mktemp("tower")
   train_encoder.train(load("configs/default.py:tiny"), workdir)
   return workdir
@@ -45,10 +45,11 @@ def tower(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embeddings(tower, tmp_path_factory):
-  """A store of the public train split's image embeddings, with its training neighbours."""
+  """A store of the public train split's image embeddings (the tiny config's linear tower), with
+  its training neighbours."""
   source = offline.load("public", "train")
   path = tmp_path_factory.mktemp("embeddings") / "images"
-  store = store_lib.EmbeddingStore.write(path, image_lib.load(tower).encode_images(source.images),
+  store = store_lib.EmbeddingStore.write(path, linear_lib.load(tower).encode_images(source.images),
                                          ids=source.ids)
   public.training_neighbors(store, 4)
   return path
@@ -191,7 +192,7 @@ def test_sample_grid_is_drawn_from_public_test_neighbours(embeddings, tower, uni
   assert rows["label"].tolist() == [0, 1, 2]
   store = store_lib.EmbeddingStore(embeddings)
   keys = np.asarray(store.embeddings, np.float32)
-  scores = image_lib.load(tower).encode_images(rows["image"]) @ keys.T
+  scores = linear_lib.load(tower).encode_images(rows["image"]) @ keys.T
   best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
   for i in range(3):
     np.testing.assert_array_equal(at(i, 0), rows["image"][i, ..., 0])

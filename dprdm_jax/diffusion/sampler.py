@@ -19,6 +19,9 @@ One step from tau_i (alpha-bar a) to tau_{i-1} (alpha-bar a_prev; 1 after the la
     sigma = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
     x     = sqrt(a_prev) * x0^ + sqrt(1 - a_prev - sigma^2) * eps + sigma * z,   z ~ N(0, I)
 
+With clip_x0, x0^ is clipped to [-clip_x0, clip_x0] and eps re-derived from it,
+eps = (x - sqrt(a) * x0^) / sqrt(1 - a), so that the pair still reconstructs x exactly.
+
 eta = 0 is the deterministic DDIM; eta = 1 is DDPM's ancestral sampler on the strided steps. Even
 with the exact eps, few steps shrink narrow distributions: for x0 ~ N(0.5, 0.3^2) and the paper's
 schedule, 50 steps give a sample variance of 0.76 s^2 (eta = 0) or 0.63 s^2 (eta = 1), and 1000
@@ -180,6 +183,9 @@ def ddim_sample(eps_fn: EpsFn, schedule: schedule_lib.Schedule, key: jax.Array,
     x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
     if clip_x0 is not None:
       x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      # (x0, eps) must still reconstruct x: keeping the model's eps beside a clipped x0 pushes
+      # every clipped pixel the wrong way at the next step (GLIDE and DDPM re-derive it too).
+      eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
     x = jnp.sqrt(a_prev) * x0
     if not stochastic:
       return constrain(x + jnp.sqrt(1.0 - a_prev) * eps)

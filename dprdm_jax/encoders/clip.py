@@ -93,6 +93,10 @@ class ClipEncoder:
     """The side, in pixels, that images are resized to."""
     return self._image_size
 
+  def token_lengths(self, captions: Sequence[str]) -> list[int]:
+    """Tokens of each caption (with the special tokens), untruncated: > max_length is cut."""
+    return text.count_tokens(self._tokenizer, captions)
+
   def encode_text(self, captions: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
                   center: Optional[np.ndarray] = None) -> np.ndarray:
     """Embeds captions as unit rows, float32 of shape (len(captions), dim), in input order.

@@ -72,6 +72,12 @@ def check_captions(captions: Sequence[str]) -> list[str]:
   return captions
 
 
+def count_tokens(tokenizer, captions: Sequence[str]) -> list[int]:
+  """Token counts of captions with the special tokens, without truncation."""
+  captions = check_captions(captions)
+  return [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
+
+
 def check_batch_size(batch_size: int) -> int:
   """Returns `batch_size` after checking it is a positive int."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
@@ -312,6 +318,10 @@ class TextEncoder:
     """
     return embed_captions(self._tokenizer, self._forward, self._params, captions, batch_size,
                           self._max_length, self._dim, center)
+
+  def token_lengths(self, captions: Sequence[str]) -> list[int]:
+    """Tokens of each caption ([CLS] and [SEP] included), untruncated: > max_length is cut."""
+    return count_tokens(self._tokenizer, captions)
 
   def fit_center(self, captions: Sequence[str],
                  batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:

@@ -63,10 +63,14 @@ def clipped_mean(neighbors: jax.Array, valid: jax.Array) -> jax.Array:
   usable = valid & finite
   weight = jnp.where(usable, scale, 0.0) / x.shape[-2]
   # 0 * nan is nan, so a non-finite row needs a select on x; skip that pass when none exists.
+  # HIGHEST: on TPUs and on Ampere-or-newer GPUs the default precision rounds the operands to
+  # bf16/TF32 after the clip, which can push a row's norm, and the sensitivity, above the bound.
+  weighted_sum = functools.partial(jnp.einsum, "...k,...kd->...d",
+                                   precision=jax.lax.Precision.HIGHEST)
   return jax.lax.cond(
       jnp.all(finite),
-      lambda: jnp.einsum("...k,...kd->...d", weight, x),
-      lambda: jnp.einsum("...k,...kd->...d", weight, jnp.where(usable[..., None], x, 0.0)))
+      lambda: weighted_sum(weight, x),
+      lambda: weighted_sum(weight, jnp.where(usable[..., None], x, 0.0)))
 
 
 def _normalise(x: jax.Array) -> jax.Array:

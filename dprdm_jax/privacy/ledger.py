@@ -2,8 +2,9 @@
 
 A ledger file holds, for each private dataset (named by the fingerprint of its embeddings), a
 budget (epsilon_max, delta, accountant), the secret seed of its key streams, the next unused query
-number, and every charge (sigma, q, k, count, first query number, time). `Ledger.charge` is the
-only way to obtain query numbers, and therefore keys (`keys.query_keys`), for a dataset.
+number, and every charge (sigma, q, k, count, first query number, the grant's nonce, time).
+`Ledger.charge` is the only way to obtain query numbers, and therefore keys (`keys.query_keys`),
+for a dataset.
 
 Formal guarantee. `charge(fingerprint, mechanism, count)` either raises `BudgetExceededError`
 without writing anything, or returns a `Grant` of `count` query numbers that no other grant of the
@@ -12,6 +13,18 @@ of all charges of a dataset, computed by its accountant at its delta, never exce
 epsilon_max. A process that dies at any point after `charge` returns leaves the charge spent; one
 that dies before leaves nothing, and it never received keys. Concurrent processes and threads are
 serialised by the database's write lock, so none double-spends and no charge is lost.
+
+Keys are never reissued, even by a ledger file that was copied, restored from a backup, or lost
+its write-ahead log (each of which can make two grants hold the same query numbers): every grant
+draws a fresh 64-bit nonce from the operating system's CSPRNG, stores it with its charge, and its
+keys are derived from (seed, nonce, stream, query number). Two grants share keys only if their
+nonces collide (probability about G^2 / 2^65 over G grants of one seed). Query numbers are also
+allocated from max(next_query, the end of every recorded charge), so a file whose counter was
+rolled back alone does not reuse numbers.
+
+Permissions: the file holds the secret seed, so it is created with mode 0600 (SQLite gives its
+-wal and -shm side files the database file's mode), and a ledger file or side file that grants
+any permission to group or others is refused on open.
 
 Why SQLite. The guarantee needs an atomic read-check-append across processes and a durable commit
 before release. SQLite gives both without a server: `BEGIN IMMEDIATE` takes the write lock before
@@ -39,7 +52,7 @@ import jax
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import keys
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE datasets (
   fingerprint TEXT PRIMARY KEY,
@@ -58,7 +71,8 @@ CREATE TABLE charges (
   num_neighbors INTEGER NOT NULL,
   count INTEGER NOT NULL,
   first_query INTEGER NOT NULL,
-  time REAL NOT NULL
+  time REAL NOT NULL,
+  nonce TEXT NOT NULL
 );
 CREATE INDEX charges_by_dataset ON charges (fingerprint);
 CREATE TABLE allowances (
@@ -96,10 +110,11 @@ class Grant:
   first_query: int
   count: int
   _seed: int = dataclasses.field(repr=False)
+  _nonce: int = dataclasses.field(repr=False)
 
   def keys(self, stream: keys.Stream) -> jax.Array:
-    """The (count,) keys of these queries in one stream (R3: never issued for any other query)."""
-    return keys.query_keys(self._seed, self.first_query, self.count, stream)
+    """The (count,) keys of these queries in one stream (R3: never issued for any other grant)."""
+    return keys.query_keys(self._seed, self.first_query, self.count, stream, nonce=self._nonce)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +140,14 @@ class Ledger:
     self.path = os.fspath(path)
     if not create and not os.path.isfile(self.path):
       raise LedgerError(f"no ledger file at {self.path}")
+    if create:
+      try:  # owner-only from the first byte; SQLite gives -wal and -shm the same mode
+        os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+      except FileExistsError:
+        pass
+      except OSError as e:
+        raise LedgerError(f"cannot create ledger {self.path}: {e}") from None
+    _check_private(self.path)
     try:
       self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
       self._db.execute("PRAGMA journal_mode=WAL")
@@ -136,6 +159,10 @@ class Ledger:
             "SELECT name FROM sqlite_master").fetchall():
           for statement in _SCHEMA.split(";")[:-1]:
             self._db.execute(statement)
+          self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+          version = _SCHEMA_VERSION
+        elif version == 1:  # before per-grant nonces: its grants' keys were derived with nonce 0
+          self._db.execute("ALTER TABLE charges ADD COLUMN nonce TEXT NOT NULL DEFAULT '0'")
           self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
           version = _SCHEMA_VERSION
       if version != _SCHEMA_VERSION:
@@ -231,14 +258,20 @@ class Ledger:
       if not within:
         raise self._refusal(budget, history, mechanism, count)
       seed, first = self._db.execute(
-          "SELECT seed, next_query FROM datasets WHERE fingerprint = ?", (fingerprint,)).fetchone()
+          "SELECT seed, MAX(next_query, COALESCE((SELECT MAX(first_query + count) FROM charges "
+          "WHERE fingerprint = ?1), 0)) FROM datasets WHERE fingerprint = ?1",
+          (fingerprint,)).fetchone()
+      if first + count > keys.MAX_QUERIES:
+        raise LedgerError(f"dataset {fingerprint} has used {first:,} query numbers; {count:,} more "
+                          f"would pass the key space's 2**64")
+      nonce = secrets.randbits(64)
       self._db.execute("INSERT INTO charges (fingerprint, noise_std, sampling_rate, num_neighbors, "
-                       "count, first_query, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       "count, first_query, time, nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (fingerprint, mechanism.noise_std, mechanism.sampling_rate,
-                        mechanism.num_neighbors, count, first, time.time()))
+                        mechanism.num_neighbors, count, first, time.time(), str(nonce)))
       self._db.execute("UPDATE datasets SET next_query = ? WHERE fingerprint = ?",
                        (first + count, fingerprint))
-    return Grant(fingerprint, mechanism, first, count, int(seed))
+    return Grant(fingerprint, mechanism, first, count, int(seed), nonce)
 
   def _refusal(self, budget, history, mechanism, count) -> BudgetExceededError:
     spent = self._spent(budget, history)
@@ -276,6 +309,19 @@ class Ledger:
         "SELECT noise_std, sampling_rate, num_neighbors, first_query, count FROM charges "
         "WHERE fingerprint = ? ORDER BY id", (fingerprint,))
     return [(accounting.Mechanism(s, q, k), first, n) for s, q, k, first, n in rows]
+
+
+def _check_private(path: str) -> None:
+  """LedgerError if the ledger or a side file of it grants any permission to group or others."""
+  for name in (path, path + "-wal", path + "-shm"):
+    try:
+      mode = os.stat(name).st_mode
+    except FileNotFoundError:
+      continue
+    if mode & 0o077:
+      raise LedgerError(
+          f"{name} has mode {mode & 0o777:04o}: a ledger holds the secret seed of its noise, so "
+          f"it must be private to its owner; run `chmod 600 {name}` (and check who has copied it)")
 
 
 def _plus(history: dict, mechanism: accounting.Mechanism, count: int) -> dict:

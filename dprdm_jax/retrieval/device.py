@@ -34,7 +34,7 @@ APPROX_RECALL_TARGET = 0.99
 
 class Neighbors(NamedTuple):
   """The k retrieved records of each query of a batch."""
-  embeddings: jax.Array  # (B, k, d), zero where invalid
+  embeddings: jax.Array  # (B, k, d) (the table's values when it has them), zero where invalid
   ids: jax.Array  # (B, k) uint32 record ids, 0 where invalid
   valid: jax.Array  # (B, k) bool
   scores: jax.Array  # (B, k) float32 inner products, -inf where invalid
@@ -44,11 +44,14 @@ class DeviceTable(NamedTuple):
   """A store's rows on device: embeddings (N', d), ids (N',) uint32, present (N',) bool.
 
   N' >= N when the rows are padded to a multiple of the shard count; padding rows are not present
-  and are never retrieved.
+  and are never retrieved. `embeddings` are the keys that queries are scored against; `values`
+  (N', d_v), if given, are what a retrieved slot returns instead of its key (the offline default
+  scores caption embeddings and averages image embeddings of the same records).
   """
   embeddings: jax.Array
   ids: jax.Array
   present: jax.Array
+  values: Optional[jax.Array] = None
 
   @classmethod
   def from_store(cls, store: store_lib.EmbeddingStore, mesh: Optional[jax.sharding.Mesh] = None,
@@ -60,28 +63,32 @@ class DeviceTable(NamedTuple):
   @classmethod
   def from_arrays(cls, embeddings: np.ndarray, ids: np.ndarray,
                   mesh: Optional[jax.sharding.Mesh] = None,
-                  axis: Optional[str] = None) -> "DeviceTable":
-    """As from_store, from (N, d) rows and their ids: unique, ascending, in [0, 2**32)."""
+                  axis: Optional[str] = None,
+                  values: Optional[np.ndarray] = None) -> "DeviceTable":
+    """As from_store, from (N, d) rows and their ids: unique, ascending, in [0, 2**32), and
+    optionally (N, d_v) values of the same records in the same order."""
     ids = np.asarray(ids, np.int64)
     n = len(ids)
     if embeddings.shape[0] != n:
       raise ValueError(f"{embeddings.shape[0]} rows but {n} ids")
+    if values is not None and values.shape[0] != n:
+      raise ValueError(f"{values.shape[0]} value rows but {n} ids")
     if n and (ids[0] < 0 or ids[-1] >= 2**32 or (np.diff(ids) <= 0).any()):
       raise ValueError("ids must be unique, ascending and in [0, 2**32): ties go to the lower id "
                        "and the subsample hashes 32-bit ids")
     shards = 1 if mesh is None else mesh.shape[axis]
     pad = -n % shards
-    if pad:
-      embeddings = np.concatenate([embeddings, np.zeros((pad, embeddings.shape[1]),
-                                                        embeddings.dtype)])
-      ids = np.concatenate([ids, np.zeros(pad, np.int64)])
-    ids = ids.astype(np.uint32)
+    padded = lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+    embeddings, ids = padded(embeddings), padded(ids).astype(np.uint32)
+    values = None if values is None else padded(values)
     present = np.arange(n + pad) < n
     if mesh is None:
-      return cls(jnp.asarray(embeddings), jnp.asarray(ids), jnp.asarray(present))
-    rows = NamedSharding(mesh, P(axis))
-    return cls(jax.device_put(embeddings, NamedSharding(mesh, P(axis, None))),
-               jax.device_put(ids, rows), jax.device_put(present, rows))
+      return cls(jnp.asarray(embeddings), jnp.asarray(ids), jnp.asarray(present),
+                 None if values is None else jnp.asarray(values))
+    rows, matrix = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P(axis, None))
+    return cls(jax.device_put(embeddings, matrix), jax.device_put(ids, rows),
+               jax.device_put(present, rows),
+               None if values is None else jax.device_put(values, matrix))
 
 
 def _pad_to_k(scores, k):
@@ -100,8 +107,10 @@ def _masked_top_k(table: DeviceTable, queries, subsample_keys, sampling_rate, k,
   matmul further. Queries and rows are scored in float32, as the host back-end does, so that a
   bfloat16 table gives the same neighbours in both.
   """
+  # HIGHEST: TPUs and Ampere-or-newer GPUs otherwise round the operands to bf16/TF32, and the
+  # device and host back-ends would then disagree on near ties.
   scores = jnp.einsum("bd,nd->bn", queries.astype(jnp.float32),
-                      table.embeddings.astype(jnp.float32))
+                      table.embeddings.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   keep = jnp.asarray(subsample.limit(sampling_rate))
   member = subsample.membership(subsample_keys, table.ids, keep) & table.present
   masked = _pad_to_k(jnp.where(member, scores, -jnp.inf), k)
@@ -114,7 +123,8 @@ def _gather(table: DeviceTable, scores, positions):
   valid = scores > -jnp.inf
   n = table.ids.shape[0]
   safe = jnp.minimum(positions, n - 1)
-  embeddings = jnp.where(valid[..., None], table.embeddings[safe].astype(jnp.float32), 0.0)
+  rows = table.embeddings if table.values is None else table.values
+  embeddings = jnp.where(valid[..., None], rows[safe].astype(jnp.float32), 0.0)
   return Neighbors(embeddings, jnp.where(valid, table.ids[safe], 0), valid, scores)
 
 
@@ -149,8 +159,8 @@ def sharded_private_knn(mesh: jax.sharding.Mesh, axis: str, sampling_rate: float
   single-device `private_knn`, ties included (shards hold ascending id ranges in order).
   """
 
-  def local(embeddings, ids, present, queries, subsample_keys):
-    table = DeviceTable(embeddings, ids, present)
+  def local(embeddings, ids, present, values, queries, subsample_keys):
+    table = DeviceTable(embeddings, ids, present, values)
     scores, positions = _masked_top_k(table, queries, subsample_keys, sampling_rate, k, approximate)
     found = _gather(table, scores, positions)
     gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), found)
@@ -161,12 +171,14 @@ def sharded_private_knn(mesh: jax.sharding.Mesh, axis: str, sampling_rate: float
 
   rows, replicated = P(axis), P()
   mapped = jax.shard_map(local, mesh=mesh,
-                         in_specs=(P(axis, None), rows, rows, replicated, replicated),
+                         in_specs=(P(axis, None), rows, rows, P(axis, None), replicated,
+                                   replicated),
                          out_specs=Neighbors(replicated, replicated, replicated, replicated),
                          check_vma=False)
 
   @jax.jit
   def run(table: DeviceTable, queries, subsample_keys) -> Neighbors:
-    return mapped(table.embeddings, table.ids, table.present, queries, subsample_keys)
+    values = table.embeddings if table.values is None else table.values
+    return mapped(table.embeddings, table.ids, table.present, values, queries, subsample_keys)
 
   return run

@@ -201,3 +201,30 @@ def test_invalid_arguments_are_refused(kwargs):
   args.update(kwargs)
   with pytest.raises(ValueError):
     jax.eval_shape(lambda: sampler_lib.ddim_sample(**args))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_clipped_x0_prediction_comes_with_the_eps_that_reconstructs_x(eta):
+  # Two steps (t = 999, then t = 0). At t = 999 the model's eps (5 everywhere) puts the x0
+  # prediction far below -1, so it is clipped to -1; the step to t = 0 must use the eps that
+  # (x_T, x0 = -1) imply, not the model's. At t = 0 the model says eps = 0, so the sample is
+  # x_0 / sqrt(alpha-bar_0), clipped: computed here in float64 from the documented update.
+  shape = (4, 4, 4, 1)
+
+  def eps_fn(x, t, ctx):
+    del ctx
+    return jnp.where((t == SCHED.T - 1)[:, None, None, None], 5.0, 0.0) * jnp.ones_like(x)
+
+  key = jax.random.key(3)
+  out = sampler_lib.ddim_sample(eps_fn, SCHED, key, shape, jnp.zeros((4, 1, D)), num_steps=2,
+                                eta=eta, clip_x0=1.0)
+  init_key, step_key = jax.random.split(key)
+  x_T = np.asarray(jax.random.normal(init_key, shape), np.float64)  # pylint: disable=invalid-name
+  ab = np.asarray(SCHED.alphas_cumprod, np.float64)
+  a, a0 = ab[SCHED.T - 1], ab[0]
+  assert np.all((x_T - np.sqrt(1 - a) * 5.0) / np.sqrt(a) < -1)  # the clip is exercised
+  eps = (x_T + np.sqrt(a)) / np.sqrt(1 - a)  # re-derived from x0 = -1
+  sigma = eta * np.sqrt((1 - a0) / (1 - a) * (1 - a / a0))
+  z = np.asarray(jax.random.normal(jax.random.fold_in(step_key, 0), shape), np.float64)
+  x_t0 = -np.sqrt(a0) + np.sqrt(1 - a0 - sigma**2) * eps + sigma * z
+  np.testing.assert_allclose(out, np.clip(x_t0 / np.sqrt(a0), -1, 1), rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 sharding."""
 
 import jax
+import jax.extend
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
@@ -195,3 +196,28 @@ def test_block_size_changes_speed_not_results():
     np.testing.assert_allclose(np.asarray(blocked), flat, atol=1e-6)
   assert agg.default_block_size(jnp.zeros((1024, 64, 512))) == 8
   assert agg.default_block_size(jnp.zeros((1024, 4, 384))) is None  # 6 MB: one pass
+
+
+def _dot_precisions(fn, *args):
+  """The precision of every dot_general in fn's jaxpr, nested calls included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_the_clipped_mean_is_summed_at_highest_precision():
+  # On TPUs and Ampere-or-newer GPUs the default precision rounds the clipped rows to bf16/TF32,
+  # which can lift the sum's norm, and so the sensitivity, above 2/k. CPUs ignore the setting, so
+  # the program itself is checked.
+  x, valid = jnp.ones((2, 4, 8)), jnp.ones((2, 4), bool)
+  precisions = _dot_precisions(agg.clipped_mean, x, valid)
+  highest = jax.lax.Precision.HIGHEST
+  assert precisions and all(p == (highest, highest) for p in precisions), precisions

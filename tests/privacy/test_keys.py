@@ -1,4 +1,4 @@
-"""R3: per-query keys are pure functions of (seed, stream, query number) and never collide."""
+"""R3: per-query keys are pure functions of (seed, nonce, stream, query number) and never collide."""
 
 import jax
 import numpy as np
@@ -23,6 +23,18 @@ def test_keys_are_distinct_across_queries_streams_and_seeds():
             for seed in (0, 1, 2**64 - 1) for stream in keys.Stream]
   rows = np.concatenate([data(b) for b in blocks])
   assert len(np.unique(rows, axis=0)) == len(rows)
+
+
+def test_the_grant_nonce_gives_the_same_query_numbers_fresh_keys():
+  # What keeps a copied or rolled-back ledger from reissuing keys (ledger tests): the same seed
+  # and query numbers under another nonce share no key, and both nonce words count.
+  blocks = [keys.query_keys(7, 0, 1000, stream, nonce=nonce)
+            for nonce in (0, 1, 2**32, 2**64 - 1) for stream in keys.Stream]
+  rows = np.concatenate([data(b) for b in blocks])
+  assert len(np.unique(rows, axis=0)) == len(rows)
+  for bad in (-1, 2**64):
+    with pytest.raises(ValueError, match="nonce"):
+      keys.query_keys(7, 0, 1, keys.Stream.NOISE, nonce=bad)
 
 
 def test_high_word_of_the_query_number_is_used():

@@ -90,10 +90,12 @@ def test_missing_and_corrupt_files_are_refused(tmp_path):
     ledger_lib.Ledger(tmp_path / "missing.db")
   junk = tmp_path / "junk.db"
   junk.write_bytes(b"this is not a database" * 100)
+  junk.chmod(0o600)
   with pytest.raises(ledger_lib.LedgerError, match="cannot read ledger"):
     ledger_lib.Ledger(junk)
   other = tmp_path / "other.db"
   sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+  other.chmod(0o600)
   with pytest.raises(ledger_lib.LedgerError, match="not a dprdm budget ledger"):
     ledger_lib.Ledger(other, create=True)
 
@@ -159,3 +161,82 @@ def test_commits_are_fsynced_write_ahead_log(tmp_path):
   with ledger_lib.Ledger(tmp_path / "l.db", create=True) as ledger:
     assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def _all_keys(grants) -> np.ndarray:
+  """Every (query, stream) key of the grants as rows of key data."""
+  return np.concatenate([jax.random.key_data(g.keys(s)) for g in grants for s in keys.Stream])
+
+
+def test_a_copied_or_rolled_back_ledger_never_reissues_a_key(tmp_path):
+  # Three ways an operator makes two grants hold the same query numbers: a copy of the file used
+  # beside the original, a restored backup, and a write-ahead log lost before its checkpoint.
+  path = tmp_path / "l.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    grants = [ledger.charge("fp", MECHANISM, 3)]
+    ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # pylint: disable=protected-access
+    backup = sqlite3.connect(tmp_path / "backup.db")
+    ledger._db.backup(backup)  # pylint: disable=protected-access
+    backup.close()
+    os.chmod(tmp_path / "backup.db", 0o600)
+    grants.append(ledger.charge("fp", MECHANISM, 3))
+    for name in ("copy.db", "restored.db"):
+      source = path if name == "copy.db" else tmp_path / "backup.db"
+      (tmp_path / name).write_bytes(source.read_bytes())
+      if name == "copy.db" and os.path.exists(f"{path}-wal"):
+        (tmp_path / f"{name}-wal").write_bytes(pathlib.Path(f"{path}-wal").read_bytes())
+        os.chmod(tmp_path / f"{name}-wal", 0o600)
+      os.chmod(tmp_path / name, 0o600)
+    grants.append(ledger.charge("fp", MECHANISM, 3))
+    # The main file without its log: the last commits are gone, next_query with them.
+    (tmp_path / "nowal.db").write_bytes(path.read_bytes())
+    os.chmod(tmp_path / "nowal.db", 0o600)
+  for name in ("copy.db", "restored.db", "nowal.db"):
+    with ledger_lib.Ledger(tmp_path / name) as other:
+      grants.append(other.charge("fp", MECHANISM, 3))
+  firsts = [g.first_query for g in grants]
+  assert len(set(firsts)) < len(firsts), firsts  # query numbers were handed out again ...
+  rows = _all_keys(grants)
+  assert len(np.unique(rows, axis=0)) == len(rows)  # ... and yet no key was
+
+
+def test_query_numbers_start_after_every_recorded_charge(tmp_path):
+  path = tmp_path / "l.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    ledger.charge("fp", MECHANISM, 5)
+    ledger._db.execute("UPDATE datasets SET next_query = 2")  # pylint: disable=protected-access
+    assert ledger.charge("fp", MECHANISM, 1).first_query == 5
+
+
+def test_ledger_files_are_private_and_a_readable_ledger_is_refused(tmp_path):
+  path = tmp_path / "l.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    ledger.charge("fp", MECHANISM, 1)
+    side = [p for p in (path, pathlib.Path(f"{path}-wal"), pathlib.Path(f"{path}-shm"))
+            if p.exists()]
+    assert len(side) == 3
+    assert {oct(p.stat().st_mode & 0o777) for p in side} == {oct(0o600)}
+  for mode, name in ((0o644, path), (0o640, path), (0o604, path), (0o620, path)):
+    name.chmod(mode)
+    with pytest.raises(ledger_lib.LedgerError, match=f"mode {mode:04o}.*chmod 600"):
+      ledger_lib.Ledger(path)
+  path.chmod(0o600)
+  with ledger_lib.Ledger(path) as ledger:
+    assert ledger.status()[0].queries == 1
+    wal = pathlib.Path(f"{path}-wal")
+    if wal.exists():
+      wal.chmod(0o644)
+      with pytest.raises(ledger_lib.LedgerError, match="-wal has mode 0644"):
+        ledger_lib.Ledger(path)
+
+
+def test_status_never_shows_the_seed_or_a_nonce(tmp_path):
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    grant = ledger.charge("fp", MECHANISM, 1)
+    seed = ledger._db.execute("SELECT seed FROM datasets").fetchone()[0]  # pylint: disable=protected-access
+    shown = repr(ledger.status()) + repr(grant) + repr(ledger.charges("fp"))
+  assert seed not in shown and str(grant._nonce) not in shown  # pylint: disable=protected-access

@@ -153,3 +153,13 @@ def test_table_ids_are_checked():
       device.DeviceTable.from_arrays(rows, np.array(bad))
   with pytest.raises(ValueError, match="3 rows but 2 ids"):
     device.DeviceTable.from_arrays(rows, np.array([0, 1]))
+
+
+def test_scores_are_computed_at_highest_precision():
+  from tests.privacy.test_aggregate import _dot_precisions  # pylint: disable=g-import-not-at-top
+  table = device.DeviceTable.from_arrays(np.eye(8, dtype=np.float32), np.arange(8))
+  queries = np.ones((2, 8), np.float32)
+  fn = lambda t, q, k: device.private_knn(t, q, k, 0.5, 2)
+  precisions = _dot_precisions(fn, table, queries, keys.query_keys(0, 0, 2, keys.Stream.SUBSAMPLE))
+  highest = jax.lax.Precision.HIGHEST
+  assert precisions and all(p == (highest, highest) for p in precisions), precisions

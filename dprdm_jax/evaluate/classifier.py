@@ -1,0 +1,196 @@
+"""The measuring stick: a classifier of all three offline domains, and hit-rates of generated images.
+
+No Inception or CLIP weights install offline, so the project trains its own evaluation network:
+an MLP on pixels over 30 classes, the 20 public classes (digits 0-9, animals 10-19) and the 10
+Fashion-MNIST classes (20-29). It trains on the public training split and on the EVEN positions
+of Fashion-MNIST's test split; its test accuracy is measured per domain on the public test split
+and the ODD positions of Fashion-MNIST test. Fashion-MNIST train, the private retrieval set, is
+never used, so the classifier holds nothing of the records whose privacy is measured.
+
+On generated images (the `dprdm generate` output directories):
+- class hit-rate: the share of images the classifier assigns to the prompt's class (prompts are
+  the class captions of `data.offline`, e.g. "a photo of a sneaker");
+- domain hit-rate: the share assigned to any class of the prompt's domain (clothing for a
+  Fashion-MNIST prompt).
+Each comes with its binomial standard error sqrt(p (1 - p) / n).
+
+Augmentation (shifts of up to 2 pixels, Gaussian pixel noise of std 0.1 on the [-1, 1] scale)
+keeps it from keying on exact pixel statistics that a generator does not reproduce.
+"""
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from PIL import Image
+
+from dprdm_jax.data import offline
+
+DOMAINS = {"public": range(0, 20), "fashion_mnist": range(20, 30)}
+CONFIG_FILE = "classifier.json"
+
+
+def class_captions() -> tuple[str, ...]:
+  """The caption of each of the 30 classes, in class order."""
+  return offline.class_captions("public") + offline.class_captions("fashion_mnist")
+
+
+def domain_of(label: int) -> str:
+  return next(name for name, labels in DOMAINS.items() if label in labels)
+
+
+class Classifier(nnx.Module):
+  """uint8 images (n, R, R, 1) -> logits (n, 30): an MLP on the pixels."""
+
+  def __init__(self, pixels: int, width: int, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(pixels, width, rngs=rngs)
+    self.middle = nnx.Linear(width, width // 2, rngs=rngs)
+    self.out = nnx.Linear(width // 2, len(class_captions()), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits of pixels x (n, pixels) in [-1, 1]."""
+    return self.out(nnx.gelu(self.middle(nnx.gelu(self.hidden(x)))))
+
+
+def _pixels(images: np.ndarray) -> np.ndarray:
+  return np.asarray(images).reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
+
+
+def splits(resolution: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """(images, labels) of "train" and of "test_public" and "test_fashion_mnist"."""
+  pub_train = offline.load("public", "train", resolution)
+  pub_test = offline.load("public", "test", resolution)
+  fashion = offline.load("fashion_mnist", "test", resolution)
+  even = np.arange(len(fashion.labels)) % 2 == 0
+  return {
+      "train": (np.concatenate([pub_train.images, fashion.images[even]]),
+                np.concatenate([pub_train.labels, fashion.labels[even] + 20])),
+      "test_public": (pub_test.images, pub_test.labels),
+      "test_fashion_mnist": (fashion.images[~even], fashion.labels[~even] + 20),
+  }
+
+
+def _augment(key, x, resolution):
+  shift_key, noise_key = jax.random.split(key)
+  shifts = jax.random.randint(shift_key, (2,), -2, 3)
+  images = x.reshape(x.shape[0], resolution, resolution)
+  images = jnp.roll(images, (shifts[0], shifts[1]), axis=(1, 2))
+  return images.reshape(x.shape) + 0.1 * jax.random.normal(noise_key, x.shape)
+
+
+def train(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains the classifier into `workdir` (orbax) and returns its per-domain test accuracy.
+
+  A workdir that already holds a classifier is reused: its accuracy is measured again.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  c = config.classifier
+  workdir = pathlib.Path(workdir).absolute()
+  data = splits(config.data.resolution)
+  if not (workdir / CONFIG_FILE).exists():
+    x, y = _pixels(data["train"][0]), data["train"][1]
+    model = Classifier(x.shape[1], c.width, nnx.Rngs(c.seed))
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, 100, c.steps),
+                     weight_decay=1e-4)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    resolution = config.data.resolution
+
+    @nnx.jit
+    def step(model, optimizer, xb, yb, key):
+      def loss_fn(model):
+        logits = model(_augment(key, xb, resolution))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+      loss, grads = nnx.value_and_grad(loss_fn)(model)
+      optimizer.update(model, grads)
+      return loss
+
+    rng = np.random.default_rng(c.seed)
+    start = time.perf_counter()
+    for i in range(c.steps):
+      idx = rng.integers(0, len(x), c.batch_size)
+      loss = step(model, optimizer, x[idx], y[idx], jax.random.key(i))
+      if (i + 1) % max(1, c.steps // 10) == 0:
+        print(f"classifier step {i + 1}/{c.steps}  loss {float(loss):.4f}  "
+              f"{(i + 1) * c.batch_size / (time.perf_counter() - start):,.0f} images/s",
+              file=sys.stderr, flush=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(workdir / "checkpoint", nnx.state(model), force=True)
+    (workdir / CONFIG_FILE).write_text(json.dumps(dict(pixels=int(x.shape[1]), width=c.width)))
+  classifier = load(workdir)
+  figures = {f"accuracy_{name[5:]}": float((classifier.predict(images) == labels).mean())
+             for name, (images, labels) in data.items() if name.startswith("test_")}
+  figures["test_sizes"] = {name[5:]: len(labels) for name, (_, labels) in data.items()
+                           if name.startswith("test_")}
+  (workdir / "eval.json").write_text(json.dumps(figures, indent=1))
+  return figures
+
+
+@dataclasses.dataclass
+class Loaded:
+  model: Classifier
+
+  def predict(self, images: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Class labels (n,) of uint8 images (n, R, R, 1)."""
+    return np.concatenate([np.asarray(jnp.argmax(self.model(_pixels(images[i:i + batch_size])),
+                                                 -1)) for i in range(0, len(images), batch_size)])
+
+
+def load(workdir) -> Loaded:
+  """The classifier trained by `train` into `workdir`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir).absolute()
+  if not (workdir / CONFIG_FILE).exists():
+    raise FileNotFoundError(f"{workdir} holds no evaluation classifier; run `dprdm "
+                            "train-classifier` first")
+  shape = json.loads((workdir / CONFIG_FILE).read_text())
+  abstract = nnx.eval_shape(lambda: Classifier(shape["pixels"], shape["width"], nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore(workdir / "checkpoint", state)
+  return Loaded(nnx.merge(graphdef, state))
+
+
+def read_generated(directory) -> tuple[list[dict], np.ndarray]:
+  """The records (records.jsonl) and images (n, R, R, 1) uint8 of a `dprdm generate` output."""
+  directory = pathlib.Path(directory)
+  path = directory / "records.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} holds no records.jsonl of `dprdm generate`")
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  images = np.stack([np.asarray(Image.open(directory / r["image"]).convert("L"))[..., None]
+                     for r in records])
+  return records, images
+
+
+def hit_rates(classifier: Loaded, prompts: Sequence[str], images: np.ndarray) -> dict:
+  """Class and domain hit-rates (with standard errors) of images generated for class prompts.
+
+  Raises ValueError if a prompt is not one of the class captions.
+  """
+  captions = {caption: label for label, caption in enumerate(class_captions())}
+  unknown = sorted(set(prompts) - set(captions))
+  if unknown:
+    raise ValueError(f"prompt {unknown[0]!r} is not a class caption; hit-rates need class prompts")
+  want = np.array([captions[p] for p in prompts])
+  got = classifier.predict(images)
+  same_domain = np.array([domain_of(int(a)) == domain_of(int(b)) for a, b in zip(want, got)])
+
+  def rate(hits):
+    p = float(np.mean(hits))
+    return p, float(np.sqrt(p * (1 - p) / len(hits)))
+
+  class_rate, class_se = rate(want == got)
+  domain_rate, domain_se = rate(same_domain)
+  per_class = {class_captions()[c]: float(np.mean(got[want == c] == c)) for c in np.unique(want)}
+  return dict(images=len(prompts), class_hit_rate=class_rate, class_hit_rate_se=class_se,
+              domain_hit_rate=domain_rate, domain_hit_rate_se=domain_se, per_class=per_class,
+              chance_class=1 / len(captions))

@@ -1,0 +1,405 @@
+"""`dprdm generate`: prompts -> images of the private domain, each private query charged first.
+
+One prompt is one query and one image. Modes (`MODES`):
+
+  private     DP-RDM: the exact top k of a fresh Poisson subsample of the private set (R1), their
+              clipped mean plus Gaussian noise (R2), keys from a ledger grant (R3), charged to the
+              private set's budget (R4, R5) before anything private is read.
+  public      the k nearest public records (no subsample, no noise): free.
+  nonprivate  the private set with q = 1 and no noise: epsilon = infinity, a comparison only; never
+              charged, and refused unless the caller passes allow_nonprivate=True.
+  none        the prompt alone (mapped into the value space by the towers' prompt map): free.
+
+Each batch of prompts runs as ONE compiled program from query embeddings to images on the mesh:
+retrieval (`retrieval.device`, the table sharded by rows over the mesh's data axis when it has
+several devices), aggregation (`privacy.aggregate`), and DDIM with classifier-free guidance
+(`diffusion.sampler`) from the U-Net's EMA parameters. A batch shorter than config.generate.
+batch_size, or not divisible by the batch devices, is padded with copies of its first query,
+keys included: a copy computes exactly its original's context, so it reveals nothing more, and
+it is dropped before anything is written.
+
+Privacy (the only path to private retrieval in this module is `generate_private`, which takes a
+`ledger.Grant`): sigma, q, k and every subsample and noise key come from the grant; the grant's
+fingerprint must be the private set's; the grant is obtained (durably charged) by `generate`
+before the private stores are opened beyond their manifests, so a batch the budget cannot cover
+is refused (`ledger.BudgetExceededError`, naming spent and remaining epsilon) with no private row
+read. A crash after a charge leaves it spent; a batch's images are written only after the whole
+batch is computed, so a partial batch is never released.
+
+Output in OUT: one PNG and one JSON record per prompt (NNNNN.png, NNNNN.json, NNNNN the prompt's
+position), records.jsonl with every record, in prompt order, and grid.png (a row per distinct
+prompt, its first 8 images). A rerun with the same OUT skips the
+prompts that already have a record (a private one is charged again only for prompts that were
+never written).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dprdm_jax import embed
+from dprdm_jax import sample
+from dprdm_jax import sharding
+from dprdm_jax.diffusion import sampler
+from dprdm_jax.privacy import accounting
+from dprdm_jax.privacy import aggregate
+from dprdm_jax.privacy import keys as keys_lib
+from dprdm_jax.privacy import ledger as ledger_lib
+from dprdm_jax.retrieval import device
+from dprdm_jax.retrieval import store as store_lib
+
+MODES = ("private", "public", "nonprivate", "none")
+ADJACENCY = "add-or-remove-one record"
+
+
+class GenerateError(ValueError):
+  """A prompt, a mode or a setting that `generate` refuses; nothing was charged."""
+
+
+def check_prompts(prompts: Sequence, token_lengths, max_tokens: int) -> list[str]:
+  """The prompts as a list of str, or GenerateError naming the first bad one.
+
+  Refused: no prompts, a non-str (e.g. bytes that were not decoded), an empty or blank prompt, and
+  a prompt of more than `max_tokens` tokens (the text tower would silently truncate it).
+  token_lengths: fn(list of str) -> token counts, untruncated.
+  """
+  if isinstance(prompts, (str, bytes)):
+    raise GenerateError("prompts must be a sequence of strings, not one string")
+  prompts = list(prompts)
+  if not prompts:
+    raise GenerateError("no prompts given")
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise GenerateError(f"prompt {i} is a {type(p).__name__}, not text")
+    if not p.strip():
+      raise GenerateError(f"prompt {i} is empty")
+  for i, n in enumerate(token_lengths(prompts)):
+    if n > max_tokens:
+      raise GenerateError(f"prompt {i} has {n} tokens; the text tower takes at most {max_tokens}")
+  return prompts
+
+
+def read_prompts(path) -> list[str]:
+  """One prompt per line of a UTF-8 text file (blank lines are refused, not skipped)."""
+  try:
+    text = pathlib.Path(path).read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise GenerateError(f"{path} is not UTF-8 text (byte {e.start})") from None
+  return text.splitlines()
+
+
+def set_fingerprint(keys_fingerprint: str, values_fingerprint: str) -> str:
+  """The ledger's name for a retrieval set: its value store's fingerprint when keys are values,
+  else a SHA-256 of both (a changed key or value store is a new dataset to the ledger)."""
+  if keys_fingerprint == values_fingerprint:
+    return values_fingerprint
+  return hashlib.sha256(f"dprdm-retrieval-set v1\nkeys {keys_fingerprint}\nvalues "
+                        f"{values_fingerprint}\n".encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class RetrievalSet:
+  """The key and value stores of one retrieval set (same record ids), opened lazily.
+
+  `fingerprint` and `size` read the manifests only; `table` reads and verifies every row.
+  """
+  keys_dir: str
+  values_dir: str
+
+  def __post_init__(self):
+    self._keys = store_lib.EmbeddingStore(self.keys_dir, verify=False)
+    self._values = store_lib.EmbeddingStore(self.values_dir, verify=False)
+    if len(self._keys) != len(self._values):
+      raise GenerateError(f"{self.keys_dir} holds {len(self._keys)} records, {self.values_dir} "
+                          f"{len(self._values)}; keys and values must be the same records")
+    self.fingerprint = set_fingerprint(self._keys.fingerprint, self._values.fingerprint)
+    self.size = len(self._values)
+    self.key_dim, self.value_dim = self._keys.dim, self._values.dim
+
+  def table(self, mesh: jax.sharding.Mesh) -> device.DeviceTable:
+    """Every row on device (sharded by rows over `data` when the mesh has several devices),
+    after recomputing both fingerprints (StoreError if a store's data no longer matches)."""
+    stores = [store_lib.EmbeddingStore(d) for d in (self.keys_dir, self.values_dir)]
+    if not np.array_equal(stores[0].ids, stores[1].ids):
+      raise GenerateError(f"{self.keys_dir} and {self.values_dir} hold different record ids")
+    shards = mesh.shape["data"] > 1
+    return device.DeviceTable.from_arrays(
+        np.asarray(stores[0].embeddings, np.float32), stores[0].ids,
+        mesh if shards else None, "data" if shards else None,
+        values=np.asarray(stores[1].embeddings, np.float32))
+
+
+class Generator:
+  """The model, the towers and the compiled programs of one config on one mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh] = None):
+    self.config = config
+    self.mesh = mesh or sharding.make_mesh(config.mesh)
+    g = config.generate
+    self.trainer, self.params, self.checkpoint_step = sample.load_ema(
+        config, g.checkpoint or config.train.workdir, self.mesh)
+    self.text, center = embed.open_text_tower(config)
+    self._encode_text = lambda p: self.text.encode_text(p, center=center)
+    self.tower = embed.open_image_tower(config)
+    context_dim = self.trainer.model_config.context_dim
+    if self.tower.dim != context_dim:
+      raise GenerateError(f"the image tower's embeddings have d = {self.tower.dim}, the U-Net "
+                          f"reads d = {context_dim}: train the U-Net on this tower's store")
+    devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = -(-g.batch_size // devices) * devices
+    self._programs = {}
+
+  def check_prompts(self, prompts) -> list[str]:
+    return check_prompts(prompts, self.text.token_lengths, self.text.max_length)
+
+  def embed_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(text embeddings (B, 384) for caption keys, prompt values (B, d) in the image space)."""
+    text = self._encode_text(prompts)
+    values = self.tower.encode_prompts(text) if hasattr(self.tower, "encode_prompts") else text
+    return text, values
+
+  def queries(self, text: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """What retrieval scores against the keys: the text (caption keys) or the image-space prompt."""
+    return text if self.config.embed.key == "caption" else values
+
+  def _program(self, kind: str, sampling_rate: Optional[float] = None, k: Optional[int] = None):
+    """One jitted function per (kind, q, k): retrieval + aggregation + DDIM, or DDIM alone."""
+    name = (kind, sampling_rate, k)
+    if name in self._programs:
+      return self._programs[name]
+    d, mesh = self.config.diffusion, self.mesh
+    c = self.trainer.model_config
+    shape = (self.batch_size, c.resolution, c.resolution, c.out_channels)
+    batch = sharding.batch_sharding(mesh)
+    knn = None
+    if kind == "retrieve":
+      knn = (device.sharded_private_knn(mesh, "data", sampling_rate, k) if mesh.shape["data"] > 1
+             else functools.partial(device.private_knn, sampling_rate=sampling_rate, k=k))
+
+    def draw(params, context, sample_key):
+      model = self.trainer.model(params)
+      context = jax.lax.with_sharding_constraint(context, batch)
+      return sampler.ddim_sample(
+          lambda x, t, ctx: model(x, t, ctx, deterministic=True), self.trainer.schedule,
+          sample_key, shape, context, num_steps=d.sample_steps, eta=d.eta,
+          guidance_scale=d.guidance_scale, clip_x0=d.clip_x0, sharding=batch)
+
+    if kind == "retrieve":
+      def run(params, table, queries, prompt_values, subsample_keys, noise_keys, noise_std,
+              interpolation, sample_key):
+        found = knn(table, queries, subsample_keys)
+        context = aggregate.aggregate(found.embeddings, found.valid, prompt_values, noise_keys,
+                                      noise_std, interpolation)
+        return draw(params, context, sample_key)
+    else:
+      def run(params, prompt_values, sample_key):
+        return draw(params, prompt_values[:, None, :], sample_key)
+    program = jax.jit(run)
+    self._programs[name] = program
+    return program
+
+  def _pad(self, *arrays):
+    """Each array padded to batch_size rows with copies of its first row (see the top)."""
+    def pad(a):
+      extra = self.batch_size - a.shape[0]
+      return a if extra == 0 else jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)])
+    return [pad(a) for a in arrays]
+
+  def generate_private(self, grant: ledger_lib.Grant, retrieval_set: RetrievalSet,
+                       table: device.DeviceTable, prompts: list[str], sample_key: jax.Array
+                       ) -> np.ndarray:
+    """DP-RDM images (B, R, R, C) uint8 for the grant's B queries.
+
+    Guarantee: each image is post-processing of one Poisson-subsampled Gaussian mechanism with
+    the grant's (sigma, q, k) (noise multiplier k*sigma/2, L2 sensitivity 2/k, rules R1-R3), whose
+    keys are the grant's own; the grant was charged before this call (R5). Raises GenerateError if
+    the grant is for another dataset or another number of prompts.
+    """
+    if grant.fingerprint != retrieval_set.fingerprint:
+      raise GenerateError(f"the grant is for dataset {grant.fingerprint}, not for the retrieval "
+                          f"set {retrieval_set.fingerprint}")
+    if grant.count != len(prompts):
+      raise GenerateError(f"the grant covers {grant.count} queries, not {len(prompts)} prompts")
+    m = grant.mechanism
+    return self._retrieve_and_draw(table, prompts, grant.keys(keys_lib.Stream.SUBSAMPLE),
+                                   grant.keys(keys_lib.Stream.NOISE), m.sampling_rate,
+                                   m.num_neighbors, m.noise_std, sample_key)
+
+  def generate_free(self, mode: str, prompts: list[str], sample_key: jax.Array,
+                    table: Optional[device.DeviceTable] = None) -> np.ndarray:
+    """Images for the modes that spend no budget: "public" and "nonprivate" (q = 1, sigma = 0:
+    every record is in every subsample, so the keys are the seed's) and "none"."""
+    if mode == "none":
+      _, values = self.embed_prompts(prompts)
+      (values,) = self._pad(jnp.asarray(values))
+      return self._finish(self._program("none")(self.params, values, sample_key), len(prompts))
+    if mode not in ("public", "nonprivate"):
+      raise GenerateError(f"generate_free takes 'public', 'nonprivate' or 'none', not {mode!r}")
+    n = len(prompts)
+    fixed = keys_lib.query_keys(self.config.seed, 0, n, keys_lib.Stream.SUBSAMPLE)
+    return self._retrieve_and_draw(table, prompts, fixed, fixed, 1.0,
+                                   self.config.privacy.num_neighbors, 0.0, sample_key)
+
+  def _retrieve_and_draw(self, table, prompts, subsample_keys, noise_keys, sampling_rate, k,
+                         noise_std, sample_key) -> np.ndarray:
+    text, values = self.embed_prompts(prompts)
+    queries, values, subsample_keys, noise_keys = self._pad(
+        jnp.asarray(self.queries(text, values)), jnp.asarray(values), subsample_keys, noise_keys)
+    out = self._program("retrieve", sampling_rate, k)(
+        self.params, table, queries, values, subsample_keys, noise_keys,
+        jnp.float32(noise_std), jnp.float32(self.config.privacy.interpolation), sample_key)
+    return self._finish(out, len(prompts))
+
+  def _finish(self, images: jax.Array, n: int) -> np.ndarray:
+    return sample.to_uint8(np.asarray(images)[:n])
+
+
+def _mechanism(config) -> accounting.Mechanism:
+  p = config.privacy
+  return accounting.Mechanism(p.noise_std, p.sampling_rate, p.num_neighbors)
+
+
+def _delta(config, size: int) -> float:
+  return config.privacy.delta if config.privacy.delta is not None else 1.0 / size
+
+
+def _done(out: pathlib.Path, n: int) -> list[bool]:
+  return [(out / f"{i:05d}.json").exists() for i in range(n)]
+
+
+def _write(out: pathlib.Path, index: int, image: np.ndarray, record: dict) -> None:
+  """The PNG, then the JSON record (its presence marks the prompt done), each atomically."""
+  png = out / f"{index:05d}.png"
+  sample.write_png(image, png.with_suffix(".tmp.png"))
+  png.with_suffix(".tmp.png").replace(png)
+  tmp = out / f"{index:05d}.json.tmp"
+  tmp.write_text(json.dumps(record, indent=1))
+  tmp.replace(out / f"{index:05d}.json")
+
+
+def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mode: str = "private",
+             ledger_path: Optional[str] = None, allow_nonprivate: bool = False,
+             generator: Optional[Generator] = None, progress: bool = True) -> dict:
+  """Generates one image per prompt into `out` (module docstring); returns a summary.
+
+  Private mode charges config.privacy's (sigma, q, k) per batch to the ledger at `ledger_path`
+  (default config.generate.ledger; created, and the private set registered with
+  config.privacy.epsilon_budget at delta = config.privacy.delta or 1/N, if new). Raises
+  GenerateError for bad prompts or modes, ledger.BudgetExceededError when the budget cannot cover
+  the next batch (the batches before it are written and stay charged).
+  """
+  if mode not in MODES:
+    raise GenerateError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+  if mode == "nonprivate" and not allow_nonprivate:
+    raise GenerateError("mode 'nonprivate' retrieves from the private set without subsampling or "
+                        "noise (epsilon = infinity); it is for comparison only and must be asked "
+                        "for explicitly (allow_nonprivate=True, --allow-nonprivate)")
+  gen = generator or Generator(config)
+  prompts = gen.check_prompts(prompts)
+  g = config.generate
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  todo = [i for i, done in enumerate(_done(out, len(prompts))) if not done]
+
+  book = table = retrieval_set = None
+  privacy = {}
+  by_caption = config.embed.key == "caption"
+  if mode in ("private", "nonprivate"):  # manifests only, until the first charge
+    retrieval_set = RetrievalSet(g.private_keys if by_caption else g.private_values,
+                                 g.private_values)
+  elif mode == "public":
+    retrieval_set = RetrievalSet(g.public_keys if by_caption else g.public_values,
+                                 g.public_values)
+  if mode == "private":
+    book = ledger_lib.Ledger(ledger_path or g.ledger, create=True)
+    delta = _delta(config, retrieval_set.size)
+    budget = book.register(retrieval_set.fingerprint, config.privacy.epsilon_budget, delta,
+                           config.privacy.accountant)
+    privacy.update(delta=budget.delta, accountant=budget.accountant, adjacency=ADJACENCY,
+                   dataset=retrieval_set.fingerprint, epsilon_budget=budget.epsilon_budget)
+  elif mode == "nonprivate":
+    privacy.update(epsilon="inf", note="epsilon = infinity: no subsample, no noise; comparison "
+                   "only, never released as private", dataset=retrieval_set.fingerprint)
+  else:
+    privacy.update(epsilon=0.0, note="no private data is used")
+  if mode != "private" and retrieval_set is not None:
+    table = retrieval_set.table(gen.mesh)
+
+  p, d = config.privacy, config.diffusion
+  retrieval = {"private": (p.num_neighbors, p.sampling_rate, p.noise_std, p.interpolation),
+               "none": (None, None, None, 0.0)}.get(mode, (p.num_neighbors, 1.0, 0.0,
+                                                           p.interpolation))
+  settings = dict(zip(("k", "q", "sigma", "interpolation"), retrieval),
+                  guidance_scale=d.guidance_scale, eta=d.eta, sample_steps=d.sample_steps,
+                  clip_x0=d.clip_x0, seed=config.seed, checkpoint_step=gen.checkpoint_step)
+  import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm.tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="image",
+                  file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=not progress)
+  start, written = time.perf_counter(), 0
+  try:
+    for lo in range(0, len(todo), gen.batch_size):
+      batch = todo[lo:lo + gen.batch_size]
+      texts = [prompts[i] for i in batch]
+      sample_key = jax.random.fold_in(jax.random.key(config.seed), batch[0])
+      if mode == "private":
+        grant = book.charge(retrieval_set.fingerprint, _mechanism(config), len(batch))
+        if table is None:  # the first private read, after the first charge
+          table = retrieval_set.table(gen.mesh)
+        images = gen.generate_private(grant, retrieval_set, table, texts, sample_key)
+        spent = next(s for s in book.status() if s.budget.fingerprint == grant.fingerprint)
+        per = [dict(query=grant.first_query + j, epsilon_spent=spent.epsilon_spent,
+                    epsilon_remaining=spent.epsilon_remaining) for j in range(len(batch))]
+      else:
+        images = gen.generate_free(mode, texts, sample_key, table)
+        per = [dict(query=None) for _ in batch]
+      for j, i in enumerate(batch):
+        record = dict(prompt=prompts[i], image=f"{i:05d}.png", index=i, mode=mode, **settings,
+                      **privacy,
+                      **per[j], sample_key=f"fold_in(key({config.seed}), {batch[0]})")
+        _write(out, i, images[j], record)
+      written += len(batch)
+      bar.update(len(batch))
+  finally:
+    bar.close()
+    if book is not None:
+      book.close()
+  _write_jsonl(out, len(prompts))
+  _write_grid(out, prompts)
+  seconds = time.perf_counter() - start
+  return dict(out=str(out), mode=mode, prompts=len(prompts), generated_now=written,
+              seconds=seconds, images_per_second=written / max(seconds, 1e-9),
+              batch_size=gen.batch_size, devices=gen.mesh.size, **privacy)
+
+
+GRID_COLUMNS = 8
+
+
+def _write_grid(out: pathlib.Path, prompts: list[str]) -> None:
+  """OUT/grid.png: one row per distinct prompt (in order), its first GRID_COLUMNS images."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rows: dict[str, list[int]] = {}
+  for i, p in enumerate(prompts):
+    rows.setdefault(p, [])
+    if len(rows[p]) < GRID_COLUMNS:
+      rows[p].append(i)
+  images = [[np.asarray(Image.open(out / f"{i:05d}.png"))[..., None] for i in row]
+            for row in rows.values()]
+  sample.write_png(sample.grid(images), out / "grid.png")
+
+
+def _write_jsonl(out: pathlib.Path, n: int) -> None:
+  lines = [(out / f"{i:05d}.json").read_text() for i in range(n)]
+  tmp = out / "records.jsonl.tmp"
+  tmp.write_text("".join(json.dumps(json.loads(line)) + "\n" for line in lines))
+  tmp.replace(out / "records.jsonl")
+

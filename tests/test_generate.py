@@ -1,0 +1,268 @@
+"""`dprdm generate` on the tiny config with the real pieces: MiniLM, the linear tower fitted by
+train-encoder, stores of real Fashion-MNIST and public records, an 8-step U-Net trained by
+`dprdm train`, dp-accounting and the SQLite ledger.
+
+Every mode writes its PNGs and JSON records; only "private" is charged, and the ledger holds
+exactly its queries; an exhausted budget refuses a batch before any private row is read; a
+sharded run (8 fake devices) draws what one device draws; bad prompts are refused with nothing
+charged.
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from dprdm_jax import cli
+from dprdm_jax import generate
+from dprdm_jax import sharding
+from dprdm_jax import train
+from dprdm_jax import train_encoder
+from dprdm_jax.data import offline
+from dprdm_jax.encoders import linear as linear_lib
+from dprdm_jax.encoders import text as text_lib
+from dprdm_jax.privacy import accounting
+from dprdm_jax.privacy import keys as keys_lib
+from dprdm_jax.privacy import ledger as ledger_lib
+from dprdm_jax.retrieval import store as store_lib
+from tests.test_configs import load
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["a photo of a sneaker", "a photo of a bag", "a silhouette of a zebra"]
+PRIVATE_RECORDS = 1000  # the tiny config's dataset_size
+
+
+def _stores(directory: pathlib.Path, source, tower, text, center, n=None):
+  """Caption-key and image-value stores of the first n records of source."""
+  rows = source.read(np.arange(n or len(source)))
+  captions = text.encode_text(sorted(set(rows["caption"].tolist())), center=center)
+  index = {c: i for i, c in enumerate(sorted(set(rows["caption"].tolist())))}
+  keys = captions[[index[c] for c in rows["caption"]]]
+  store_lib.EmbeddingStore.write(directory / "captions", keys, ids=rows["id"])
+  store_lib.EmbeddingStore.write(directory / "images", tower.encode_images(rows["image"]),
+                                 ids=rows["id"])
+  return directory
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("generate")
+  config = load("configs/default.py:tiny")
+  train_encoder.train(config, root / "encoder")
+  tower = linear_lib.load(root / "encoder")
+  text = text_lib.TextEncoder.load()
+  center = text.fit_center(list(offline.caption_vocabulary()))
+  private = _stores(root / "private", offline.load("fashion_mnist", "train"), tower, text, center,
+                    PRIVATE_RECORDS)
+  public = _stores(root / "public", offline.load("public", "train"), tower, text, center)
+  overrides = [f"--config.encoder.workdir={root / 'encoder'}",
+               f"--config.train.embeddings={public / 'images'}",
+               f"--config.train.workdir={root / 'unet'}",
+               f"--config.generate.private_keys={private / 'captions'}",
+               f"--config.generate.private_values={private / 'images'}",
+               f"--config.generate.public_keys={public / 'captions'}",
+               f"--config.generate.public_values={public / 'images'}",
+               "--config.diffusion.sample_steps=3"]
+  train.train(load("configs/default.py:tiny", *overrides), root / "unet")
+  return root, overrides
+
+
+def _config(setup, *extra):
+  return load("configs/default.py:tiny", *setup[1], *extra)
+
+
+@pytest.fixture(scope="module")
+def generator(setup):
+  return generate.Generator(_config(setup))
+
+
+def _records(out):
+  return [json.loads(line) for line in (pathlib.Path(out) / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", generate.MODES)
+def test_every_mode_writes_images_and_records_and_only_private_is_charged(setup, generator, mode,
+                                                                          tmp_path):
+  config, ledger = _config(setup), tmp_path / "ledger.db"
+  b = generator.batch_size  # the tiny batch size 4, rounded up to the 8 devices
+  prompts = (PROMPTS * b)[:b + 1]  # two batches, the second of one prompt (padded)
+  n = len(prompts)
+  summary = generate.generate(config, prompts, tmp_path / mode, mode, str(ledger),
+                              allow_nonprivate=True, generator=generator, progress=False)
+  assert summary["generated_now"] == n
+  records = _records(tmp_path / mode)
+  assert [r["prompt"] for r in records] == prompts
+  for i, r in enumerate(records):
+    image = np.asarray(Image.open(tmp_path / mode / r["image"]))
+    assert image.shape == (32, 32) and image.dtype == np.uint8 and image.std() > 0
+    assert json.loads((tmp_path / mode / f"{i:05d}.json").read_text()) == r
+    for field in ("mode", "k", "q", "sigma", "interpolation", "guidance_scale", "eta",
+                  "sample_steps", "seed", "query", "checkpoint_step"):
+      assert field in r
+    assert r["mode"] == mode and r["guidance_scale"] == config.diffusion.guidance_scale
+  grid = np.asarray(Image.open(tmp_path / mode / "grid.png"))  # 3 prompts, up to 8 images each
+  columns = min(generate.GRID_COLUMNS, prompts.count(PROMPTS[0]))
+  assert grid.shape == (3 * 66 + 2, columns * 66 + 2)
+  if mode == "private":
+    assert [r["query"] for r in records] == list(range(n))
+    assert all(r["delta"] == 1 / PRIVATE_RECORDS and r["accountant"] == "pld" for r in records)
+    with ledger_lib.Ledger(ledger) as book:
+      (status,) = book.status()
+      assert status.queries == n
+      assert [(first, c) for _, first, c in book.charges(status.budget.fingerprint)] == [
+          (0, b), (b, 1)]
+      m = accounting.Mechanism(config.privacy.noise_std, config.privacy.sampling_rate,
+                               config.privacy.num_neighbors)
+      assert records[-1]["epsilon_spent"] == pytest.approx(
+          accounting.history_epsilon({m: n}, 1 / PRIVATE_RECORDS, "pld"))
+      assert records[0]["epsilon_spent"] < records[-1]["epsilon_spent"]
+    assert oct(ledger.stat().st_mode & 0o777) == oct(0o600)
+  else:
+    assert not ledger.exists()
+    assert all(r["query"] is None for r in records)
+    assert records[0]["epsilon"] == ("inf" if mode == "nonprivate" else 0.0)
+
+
+def test_a_rerun_skips_what_was_written_and_charges_nothing_more(setup, generator, tmp_path):
+  config, ledger = _config(setup), str(tmp_path / "ledger.db")
+  generate.generate(config, PROMPTS, tmp_path / "out", "private", ledger, generator=generator,
+                    progress=False)
+  again = generate.generate(config, PROMPTS, tmp_path / "out", "private", ledger,
+                            generator=generator, progress=False)
+  assert again["generated_now"] == 0
+  with ledger_lib.Ledger(ledger) as book:
+    assert book.status()[0].queries == 3
+
+
+def test_nonprivate_mode_must_be_asked_for(setup, generator, tmp_path):
+  with pytest.raises(generate.GenerateError, match="explicitly"):
+    generate.generate(_config(setup), PROMPTS, tmp_path / "out", "nonprivate",
+                      str(tmp_path / "l.db"), generator=generator, progress=False)
+  assert not (tmp_path / "out").exists() and not (tmp_path / "l.db").exists()
+
+
+def test_an_exhausted_budget_refuses_before_any_private_row_is_read(setup, generator, tmp_path,
+                                                                    monkeypatch):
+  # A budget of exactly one batch: the second batch is refused, and the private stores' rows are
+  # read only after the first charge.
+  config, b = _config(setup), generator.batch_size
+  m = accounting.Mechanism(config.privacy.noise_std, config.privacy.sampling_rate,
+                           config.privacy.num_neighbors)
+  budget = accounting.history_epsilon({m: b}, 1 / PRIVATE_RECORDS, "pld") * 1.0001
+  config = _config(setup, f"--config.privacy.epsilon_budget={budget}")
+  ledger = str(tmp_path / "l.db")
+  reads = []
+  real = store_lib.EmbeddingStore.embeddings
+
+  def counted(self):
+    reads.append(self.directory)
+    return real.fget(self)
+
+  monkeypatch.setattr(store_lib.EmbeddingStore, "embeddings", property(counted))
+  with pytest.raises(ledger_lib.BudgetExceededError, match="remaining epsilon"):
+    generate.generate(config, (PROMPTS * b)[:b + 2], tmp_path / "out", "private", ledger,
+                      generator=generator, progress=False)
+  assert len(list((tmp_path / "out").glob("*.png"))) == b  # the first batch, whole
+  assert reads  # the first batch did read the private rows
+
+  def refuse(self):
+    raise AssertionError(f"private rows of {self.directory} were read")
+
+  monkeypatch.setattr(store_lib.EmbeddingStore, "embeddings", property(refuse))
+  with pytest.raises(ledger_lib.BudgetExceededError, match="spent epsilon"):
+    generate.generate(config, PROMPTS, tmp_path / "more", "private", ledger,
+                      generator=generator, progress=False)
+  assert not list((tmp_path / "more").glob("*.png"))
+  with ledger_lib.Ledger(ledger) as book:
+    assert book.status()[0].queries == b
+
+
+def test_a_grant_for_another_dataset_or_size_is_refused(setup, generator, tmp_path):
+  config = _config(setup)
+  g = config.generate
+  retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
+  m = accounting.Mechanism(0.5, 0.5, 4)
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as book:
+    book.register("another", 10.0, 1e-3)
+    book.register(retrieval_set.fingerprint, 10.0, 1e-3)
+    other = book.charge("another", m, 3)
+    short = book.charge(retrieval_set.fingerprint, m, 2)
+  table = retrieval_set.table(generator.mesh)
+  with pytest.raises(generate.GenerateError, match="not for the retrieval set"):
+    generator.generate_private(other, retrieval_set, table, PROMPTS, jax.random.key(0))
+  with pytest.raises(generate.GenerateError, match="covers 2 queries"):
+    generator.generate_private(short, retrieval_set, table, PROMPTS, jax.random.key(0))
+
+
+def test_private_images_use_the_grant_keys_and_sharded_equals_one_device(setup, generator,
+                                                                        tmp_path):
+  config = _config(setup)
+  g = config.generate
+  retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as book:
+    book.register(retrieval_set.fingerprint, 10.0, 1e-3)
+    m = accounting.Mechanism(0.5, 0.5, 4)  # z = 1: a real subsample and real noise
+    grants = [book.charge(retrieval_set.fingerprint, m, 3) for _ in range(2)]
+  one = generate.Generator(config, sharding.make_mesh({}, jax.devices()[:1]))
+  assert generator.mesh.size == 8 and generator.mesh.shape["data"] == 8
+  key = jax.random.key(5)
+  sharded = generator.generate_private(grants[0], retrieval_set,
+                                       retrieval_set.table(generator.mesh), PROMPTS, key)
+  single = one.generate_private(grants[0], retrieval_set, retrieval_set.table(one.mesh), PROMPTS,
+                                key)
+  assert np.abs(sharded.astype(int) - single.astype(int)).max() <= 1  # rounding at most
+  other = one.generate_private(grants[1], retrieval_set, retrieval_set.table(one.mesh), PROMPTS,
+                               key)
+  assert not np.array_equal(other, single)  # fresh subsample and noise keys, same x_T
+  assert not np.array_equal(grants[0].keys(keys_lib.Stream.NOISE),
+                            grants[1].keys(keys_lib.Stream.NOISE))
+
+
+@pytest.mark.parametrize("prompt, error", [
+    ("", "prompt 0 is empty"), ("   ", "prompt 0 is empty"),
+    ("word " * 300, "tokens; the text tower takes at most 256")])
+def test_bad_prompts_are_refused_with_nothing_charged(setup, generator, tmp_path, prompt, error):
+  with pytest.raises(generate.GenerateError, match=error):
+    generate.generate(_config(setup), [prompt], tmp_path / "out", "private",
+                      str(tmp_path / "l.db"), generator=generator, progress=False)
+  assert not (tmp_path / "l.db").exists()
+
+
+def test_cli_generates_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
+  args = ["dprdm", "generate", "--config=configs/default.py:tiny", *setup[1],
+          f"--ledger={tmp_path / 'l.db'}"]
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"a photo of a bag\n\xff\xfe\n")
+  for extra, message in (([f"--prompts={bad}"], "not UTF-8"),
+                         ([], "exactly one of --prompt"),
+                         (["--prompt=x", "--mode=nonprivate"], "explicitly"),
+                         (["--prompt=x", "--repeat=0"], "--repeat must be")):
+    assert cli.main(args + extra + [f"--out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+  assert not (tmp_path / "l.db").exists()
+  assert cli.main(args + ["--prompt=a photo of a sneaker", "--repeat=2", "--json",
+                          f"--out={tmp_path / 'out'}"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["queries_charged"] == 2 and result["generated_now"] == 2
+  assert 0 < result["epsilon_spent"] < result["epsilon_budget"]
+
+
+def test_check_prompts_refuses_what_the_text_tower_cannot_take(tmp_path):
+  lengths = lambda prompts: [len(p.split()) + 2 for p in prompts]
+  assert generate.check_prompts(("a", "b c"), lengths, 5) == ["a", "b c"]
+  for prompts, message in (([], "no prompts"), ("a bag", "not one string"),
+                           ([b"a bag"], "bytes, not text"), (["ok", ""], "prompt 1 is empty"),
+                           (["a b c d"], "6 tokens")):
+    with pytest.raises(generate.GenerateError, match=message):
+      generate.check_prompts(prompts, lengths, 5)
+  good = tmp_path / "p.txt"
+  good.write_text("a photo of a bag\nune robe d'été\n", encoding="utf-8")
+  assert generate.read_prompts(good) == ["a photo of a bag", "une robe d'été"]
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"ok\n\xc3\x28\n")
+  with pytest.raises(generate.GenerateError, match="not UTF-8 text"):
+    generate.read_prompts(bad)
