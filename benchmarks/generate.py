@@ -10,7 +10,7 @@ What is measured, with the trained offline default (run `bash launch/local.sh de
 - the share of that batch's time spent in retrieval plus aggregation: the same retrieval and
   aggregation, jitted alone, on the same table, prompts and keys.
 - the peer: diffusers' `UNet2DConditionModel` with the same channels, blocks, attention and
-  context size (benchmarks/unet.py's matched model, randomly initialised: speed does not depend
+  context size (benchmarks/peers.py, the matched model of benchmarks/unet.py, randomly initialised: speed does not depend
   on the weights), `DDIMScheduler` with the same schedule, 50 steps, the same guidance scale and
   eta and x0 clipping, batch 64 (the conditional and unconditional halves in one call of 128), in
   torch under `no_grad`. It retrieves nothing and writes nothing, so the ratio flatters it.
@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 import machine_info  # benchmarks/machine_info.py, beside this script
+import peers  # benchmarks/peers.py
 from dprdm_jax import config_lib
 from dprdm_jax import train
 from dprdm_jax.data import offline
@@ -87,10 +88,9 @@ def _ours(config) -> dict:
 def _diffusers(config) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
-  from unet import _torch_unet  # benchmarks/unet.py  pylint: disable=g-import-not-at-top
   c, d = train.model_config(config), config.diffusion
   torch.manual_seed(0)
-  net = _torch_unet(c).eval()
+  net = peers.torch_unet(c).eval()
   fold = lambda x: torch.nn.functional.pixel_unshuffle(x, c.patch_size)
   unfold = lambda x: torch.nn.functional.pixel_shuffle(x, c.patch_size)
   scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=d.beta_start, beta_end=d.beta_end,
