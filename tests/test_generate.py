@@ -5,7 +5,7 @@ train-encoder, stores of real Fashion-MNIST and public records, an 8-step U-Net 
 Every mode writes its PNGs and JSON records; only "private" is charged, and the ledger holds
 exactly its queries; an exhausted budget refuses a batch before any private row is read; a
 sharded run (8 fake devices) draws what one device draws; bad prompts are refused with nothing
-charged.
+charged. All but the prompt checks are slow (they train the tiny towers and U-Net once).
 """
 
 import json
@@ -30,7 +30,6 @@ from dprdm_jax.privacy import ledger as ledger_lib
 from dprdm_jax.retrieval import store as store_lib
 from tests.test_configs import load
 
-pytestmark = pytest.mark.slow
 PROMPTS = ["a photo of a sneaker", "a photo of a bag", "a silhouette of a zebra"]
 PRIVATE_RECORDS = 1000  # the tiny config's dataset_size
 
@@ -83,6 +82,7 @@ def _records(out):
   return [json.loads(line) for line in (pathlib.Path(out) / "records.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", generate.MODES)
 def test_every_mode_writes_images_and_records_and_only_private_is_charged(setup, generator, mode,
                                                                           tmp_path):
@@ -126,6 +126,7 @@ def test_every_mode_writes_images_and_records_and_only_private_is_charged(setup,
     assert records[0]["epsilon"] == ("inf" if mode == "nonprivate" else 0.0)
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_what_was_written_and_charges_nothing_more(setup, generator, tmp_path):
   config, ledger = _config(setup), str(tmp_path / "ledger.db")
   generate.generate(config, PROMPTS, tmp_path / "out", "private", ledger, generator=generator,
@@ -137,6 +138,7 @@ def test_a_rerun_skips_what_was_written_and_charges_nothing_more(setup, generato
     assert book.status()[0].queries == 3
 
 
+@pytest.mark.slow
 def test_nonprivate_mode_must_be_asked_for(setup, generator, tmp_path):
   with pytest.raises(generate.GenerateError, match="explicitly"):
     generate.generate(_config(setup), PROMPTS, tmp_path / "out", "nonprivate",
@@ -144,6 +146,7 @@ def test_nonprivate_mode_must_be_asked_for(setup, generator, tmp_path):
   assert not (tmp_path / "out").exists() and not (tmp_path / "l.db").exists()
 
 
+@pytest.mark.slow
 def test_an_exhausted_budget_refuses_before_any_private_row_is_read(setup, generator, tmp_path,
                                                                     monkeypatch):
   # A budget of exactly one batch: the second batch is refused, and the private stores' rows are
@@ -180,6 +183,7 @@ def test_an_exhausted_budget_refuses_before_any_private_row_is_read(setup, gener
     assert book.status()[0].queries == b
 
 
+@pytest.mark.slow
 def test_a_grant_for_another_dataset_or_size_is_refused(setup, generator, tmp_path):
   config = _config(setup)
   g = config.generate
@@ -197,6 +201,7 @@ def test_a_grant_for_another_dataset_or_size_is_refused(setup, generator, tmp_pa
     generator.generate_private(short, retrieval_set, table, PROMPTS, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_private_images_use_the_grant_keys_and_sharded_equals_one_device(setup, generator,
                                                                         tmp_path):
   config = _config(setup)
@@ -221,6 +226,7 @@ def test_private_images_use_the_grant_keys_and_sharded_equals_one_device(setup, 
                             grants[1].keys(keys_lib.Stream.NOISE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt, error", [
     ("", "prompt 0 is empty"), ("   ", "prompt 0 is empty"),
     ("word " * 300, "tokens; the text tower takes at most 256")])
@@ -231,6 +237,7 @@ def test_bad_prompts_are_refused_with_nothing_charged(setup, generator, tmp_path
   assert not (tmp_path / "l.db").exists()
 
 
+@pytest.mark.slow
 def test_cli_generates_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys):
   args = ["dprdm", "generate", "--config=configs/default.py:tiny", *setup[1],
           f"--ledger={tmp_path / 'l.db'}"]
