@@ -18,8 +18,9 @@ batch_size, or not divisible by the batch devices, is padded with copies of its 
 keys included: a copy computes exactly its original's context, so it reveals nothing more, and
 it is dropped before anything is written.
 
-Privacy (the only path to private retrieval in this module is `generate_private`, which takes a
-`ledger.Grant`): sigma, q, k and every subsample and noise key come from the grant; the grant's
+Privacy (the only public path to private retrieval in this module is `generate_private`, which
+takes a `ledger.Grant`; `generate` reaches the unprotected "nonprivate" comparison only with
+allow_nonprivate=True): sigma, q, k and every subsample and noise key come from the grant; the grant's
 fingerprint must be the private set's; the grant is obtained (durably charged) by `generate`
 before the private stores are opened beyond their manifests, so a batch the budget cannot cover
 is refused (`ledger.BudgetExceededError`, naming spent and remaining epsilon) with no private row
@@ -235,16 +236,17 @@ class Generator:
                                    grant.keys(keys_lib.Stream.NOISE), m.sampling_rate,
                                    m.num_neighbors, m.noise_std, sample_key)
 
-  def generate_free(self, mode: str, prompts: list[str], sample_key: jax.Array,
+  def _generate_free(self, mode: str, prompts: list[str], sample_key: jax.Array,
                     table: Optional[device.DeviceTable] = None) -> np.ndarray:
     """Images for the modes that spend no budget: "public" and "nonprivate" (q = 1, sigma = 0:
-    every record is in every subsample, so the keys are the seed's) and "none"."""
+    every record is in every subsample, so the keys are the seed's) and "none". Not public:
+    `generate` is the way in, and it refuses "nonprivate" unless it is asked for explicitly."""
     if mode == "none":
       _, values = self.embed_prompts(prompts)
       (values,) = self._pad(jnp.asarray(values))
       return self._finish(self._program("none")(self.params, values, sample_key), len(prompts))
     if mode not in ("public", "nonprivate"):
-      raise GenerateError(f"generate_free takes 'public', 'nonprivate' or 'none', not {mode!r}")
+      raise GenerateError(f"_generate_free takes 'public', 'nonprivate' or 'none', not {mode!r}")
     n = len(prompts)
     fixed = keys_lib.query_keys(self.config.seed, 0, n, keys_lib.Stream.SUBSAMPLE)
     return self._retrieve_and_draw(table, prompts, fixed, fixed, 1.0,
@@ -360,7 +362,7 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
         per = [dict(query=grant.first_query + j, epsilon_spent=spent.epsilon_spent,
                     epsilon_remaining=spent.epsilon_remaining) for j in range(len(batch))]
       else:
-        images = gen.generate_free(mode, texts, sample_key, table)
+        images = gen._generate_free(mode, texts, sample_key, table)
         per = [dict(query=None) for _ in batch]
       for j, i in enumerate(batch):
         record = dict(prompt=prompts[i], image=f"{i:05d}.png", index=i, mode=mode, **settings,
