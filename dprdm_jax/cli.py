@@ -511,12 +511,9 @@ def _generate(fv, config):
   result = generate.generate(config, prompts, out, fv.mode, fv.ledger,
                              allow_nonprivate=fv["allow-nonprivate"].value)
   if fv.mode == "private":
-    with ledger_lib.Ledger(fv.ledger or config.generate.ledger) as book:
-      spent = next(s for s in book.status() if s.budget.fingerprint == result["dataset"])
-    result.update(epsilon_spent=spent.epsilon_spent, epsilon_remaining=spent.epsilon_remaining,
-                  queries_charged=spent.queries)
-    privacy = (f"dataset {result['dataset'][:16]}...: {spent.queries:,} private queries charged, "
-               f"epsilon spent {_fmt_eps(spent.epsilon_spent)} of {spent.budget.epsilon_budget:g} "
+    privacy = (f"dataset {result['dataset'][:16]}...: {result['queries_charged']:,} private "
+               f"queries charged, epsilon spent {_fmt_eps(result['epsilon_spent'])} of "
+               f"{result['epsilon_budget']:g} "
                f"at delta {result['delta']:.3g} ({result['accountant'].upper()}, {ADJACENCY} "
                f"adjacency)")
   else:

@@ -275,8 +275,19 @@ def _delta(config, size: int) -> float:
   return config.privacy.delta if config.privacy.delta is not None else 1.0 / size
 
 
-def _done(out: pathlib.Path, n: int) -> list[bool]:
-  return [(out / f"{i:05d}.json").exists() for i in range(n)]
+def _done(out: pathlib.Path, prompts: list[str], mode: str) -> list[bool]:
+  """Which prompts already have their record in `out`; GenerateError if a record there is for
+  another prompt or mode (a rerun must repeat the run it continues)."""
+  done = []
+  for i, prompt in enumerate(prompts):
+    path = out / f"{i:05d}.json"
+    if path.exists():
+      record = json.loads(path.read_text())
+      if (record.get("prompt"), record.get("mode")) != (prompt, mode):
+        raise GenerateError(f"{out} holds image {i} of another run ({record.get('mode')}, "
+                            f"{record.get('prompt')!r}); choose another --out")
+    done.append(path.exists())
+  return done
 
 
 def _write(out: pathlib.Path, index: int, image: np.ndarray, record: dict) -> None:
@@ -311,7 +322,7 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
   g = config.generate
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  todo = [i for i, done in enumerate(_done(out, len(prompts))) if not done]
+  todo = [i for i, done in enumerate(_done(out, prompts, mode)) if not done]
 
   book = table = retrieval_set = None
   privacy = {}
@@ -358,7 +369,7 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
         if table is None:  # the first private read, after the first charge
           table = retrieval_set.table(gen.mesh)
         images = gen.generate_private(grant, retrieval_set, table, texts, sample_key)
-        spent = next(s for s in book.status() if s.budget.fingerprint == grant.fingerprint)
+        (spent,) = book.status(grant.fingerprint)
         per = [dict(query=grant.first_query + j, epsilon_spent=spent.epsilon_spent,
                     epsilon_remaining=spent.epsilon_remaining) for j in range(len(batch))]
       else:
@@ -371,6 +382,10 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
         _write(out, i, images[j], record)
       written += len(batch)
       bar.update(len(batch))
+    if book is not None:
+      (spent,) = book.status(retrieval_set.fingerprint)
+      privacy.update(epsilon_spent=spent.epsilon_spent, epsilon_remaining=spent.epsilon_remaining,
+                     queries_charged=spent.queries)
   finally:
     bar.close()
     if book is not None:

@@ -136,6 +136,14 @@ def test_a_rerun_skips_what_was_written_and_charges_nothing_more(setup, generato
   assert again["generated_now"] == 0
   with ledger_lib.Ledger(ledger) as book:
     assert book.status()[0].queries == 3
+  assert again["queries_charged"] == 3 and again["epsilon_spent"] > 0
+  # Another run's directory is refused before anything is charged.
+  for prompts, mode in ((PROMPTS[::-1], "private"), (PROMPTS, "public")):
+    with pytest.raises(generate.GenerateError, match="another run"):
+      generate.generate(config, prompts, tmp_path / "out", mode, ledger, generator=generator,
+                        progress=False)
+  with ledger_lib.Ledger(ledger) as book:
+    assert book.status()[0].queries == 3
 
 
 @pytest.mark.slow

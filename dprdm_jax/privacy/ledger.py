@@ -296,10 +296,12 @@ class Ledger:
       raise LedgerError(f"dataset {fingerprint} has no budget in {self.path}; register it first")
     return budget
 
-  def status(self) -> list[Status]:
-    """Spent and remaining epsilon of every dataset in the ledger."""
+  def status(self, fingerprint: Optional[str] = None) -> list[Status]:
+    """Spent and remaining epsilon of every dataset in the ledger, or of the one named (a list of
+    one; LedgerError if it is not registered). Each dataset's epsilon is composed afresh."""
     with self._transaction():
-      fingerprints = [r[0] for r in self._db.execute("SELECT fingerprint FROM datasets ORDER BY 1")]
+      fingerprints = ([fingerprint] if fingerprint is not None else
+                      [r[0] for r in self._db.execute("SELECT fingerprint FROM datasets ORDER BY 1")])
       found = [(self.budget(f), self._history(f)) for f in fingerprints]
     return [Status(b, sum(h.values()), self._spent(b, h)) for b, h in found]
 

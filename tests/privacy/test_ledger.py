@@ -226,11 +226,14 @@ def test_ledger_files_are_private_and_a_readable_ledger_is_refused(tmp_path):
   path.chmod(0o600)
   with ledger_lib.Ledger(path) as ledger:
     assert ledger.status()[0].queries == 1
+    assert ledger.status("fp") == ledger.status()
     wal = pathlib.Path(f"{path}-wal")
-    if wal.exists():
-      wal.chmod(0o644)
-      with pytest.raises(ledger_lib.LedgerError, match="-wal has mode 0644"):
-        ledger_lib.Ledger(path)
+    assert wal.exists()  # the open connection holds the log
+    wal.chmod(0o644)
+    with pytest.raises(ledger_lib.LedgerError, match="-wal has mode 0644"):
+      ledger_lib.Ledger(path)
+    with pytest.raises(ledger_lib.LedgerError, match="register it first"):
+      ledger.status("another")
 
 
 def test_status_never_shows_the_seed_or_a_nonce(tmp_path):
