@@ -13,8 +13,9 @@ One prompt is one query and one image. Modes (`MODES`):
 Each batch of prompts runs as ONE compiled program from query embeddings to images on the mesh:
 retrieval (`retrieval.device`, the table sharded by rows over the mesh's data axis when it has
 several devices), aggregation (`privacy.aggregate`), and DDIM with classifier-free guidance
-(`diffusion.sampler`) from the U-Net's EMA parameters. A batch shorter than config.generate.
-batch_size, or not divisible by the batch devices, is padded with copies of its first query,
+(`diffusion.sampler`) from the U-Net's EMA parameters. A run's batches hold config.generate.
+batch_size prompts, or all of them when there are fewer, rounded up to the batch devices; a
+batch shorter than that (the last one) is padded with copies of its first query,
 keys included: a copy computes exactly its original's context, so it reveals nothing more, and
 it is dropped before anything is written.
 
@@ -156,9 +157,15 @@ class Generator:
     if self.tower.dim != context_dim:
       raise GenerateError(f"the image tower's embeddings have d = {self.tower.dim}, the U-Net "
                           f"reads d = {context_dim}: train the U-Net on this tower's store")
-    devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    self.batch_size = -(-g.batch_size // devices) * devices
+    self._devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = self.run_batch_size(g.batch_size)  # the largest batch a run uses
     self._programs = {}
+
+  def run_batch_size(self, prompts: int) -> int:
+    """Rows of each batch of a run of `prompts`: config.generate.batch_size or fewer, a multiple
+    of the batch devices (one compiled program per run)."""
+    rows = max(1, min(prompts, self.config.generate.batch_size))
+    return -(-rows // self._devices) * self._devices
 
   def check_prompts(self, prompts) -> list[str]:
     return check_prompts(prompts, self.text.token_lengths, self.text.max_length)
@@ -173,14 +180,15 @@ class Generator:
     """What retrieval scores against the keys: the text (caption keys) or the image-space prompt."""
     return text if self.config.embed.key == "caption" else values
 
-  def _program(self, kind: str, sampling_rate: Optional[float] = None, k: Optional[int] = None):
-    """One jitted function per (kind, q, k): retrieval + aggregation + DDIM, or DDIM alone."""
-    name = (kind, sampling_rate, k)
+  def _program(self, kind: str, rows: int, sampling_rate: Optional[float] = None,
+               k: Optional[int] = None):
+    """One jitted function per (kind, rows, q, k): retrieval + aggregation + DDIM, or DDIM alone."""
+    name = (kind, rows, sampling_rate, k)
     if name in self._programs:
       return self._programs[name]
     d, mesh = self.config.diffusion, self.mesh
     c = self.trainer.model_config
-    shape = (self.batch_size, c.resolution, c.resolution, c.out_channels)
+    shape = (rows, c.resolution, c.resolution, c.out_channels)
     batch = sharding.batch_sharding(mesh)
     knn = None
     if kind == "retrieve":
@@ -209,17 +217,19 @@ class Generator:
     self._programs[name] = program
     return program
 
-  def _pad(self, *arrays):
-    """Each array padded to batch_size rows with copies of its first row (see the top)."""
+  @staticmethod
+  def _pad(rows: int, *arrays):
+    """Each array padded to `rows` rows with copies of its first row (see the top)."""
     def pad(a):
-      extra = self.batch_size - a.shape[0]
+      extra = rows - a.shape[0]
       return a if extra == 0 else jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)])
     return [pad(a) for a in arrays]
 
   def generate_private(self, grant: ledger_lib.Grant, retrieval_set: RetrievalSet,
-                       table: device.DeviceTable, prompts: list[str], sample_key: jax.Array
-                       ) -> np.ndarray:
-    """DP-RDM images (B, R, R, C) uint8 for the grant's B queries.
+                       table: device.DeviceTable, prompts: list[str], sample_key: jax.Array,
+                       rows: Optional[int] = None) -> np.ndarray:
+    """DP-RDM images (B, R, R, C) uint8 for the grant's B queries (computed in a program of `rows`
+    rows, default `run_batch_size(B)`).
 
     Guarantee: each image is post-processing of one Poisson-subsampled Gaussian mechanism with
     the grant's (sigma, q, k) (noise multiplier k*sigma/2, L2 sensitivity 2/k, rules R1-R3), whose
@@ -234,30 +244,32 @@ class Generator:
     m = grant.mechanism
     return self._retrieve_and_draw(table, prompts, grant.keys(keys_lib.Stream.SUBSAMPLE),
                                    grant.keys(keys_lib.Stream.NOISE), m.sampling_rate,
-                                   m.num_neighbors, m.noise_std, sample_key)
+                                   m.num_neighbors, m.noise_std, sample_key, rows)
 
   def _generate_free(self, mode: str, prompts: list[str], sample_key: jax.Array,
-                    table: Optional[device.DeviceTable] = None) -> np.ndarray:
+                     table: Optional[device.DeviceTable], rows: int) -> np.ndarray:
     """Images for the modes that spend no budget: "public" and "nonprivate" (q = 1, sigma = 0:
     every record is in every subsample, so the keys are the seed's) and "none". Not public:
     `generate` is the way in, and it refuses "nonprivate" unless it is asked for explicitly."""
     if mode == "none":
       _, values = self.embed_prompts(prompts)
-      (values,) = self._pad(jnp.asarray(values))
-      return self._finish(self._program("none")(self.params, values, sample_key), len(prompts))
+      (values,) = self._pad(rows, jnp.asarray(values))
+      return self._finish(self._program("none", rows)(self.params, values, sample_key),
+                          len(prompts))
     if mode not in ("public", "nonprivate"):
       raise GenerateError(f"_generate_free takes 'public', 'nonprivate' or 'none', not {mode!r}")
     n = len(prompts)
     fixed = keys_lib.query_keys(self.config.seed, 0, n, keys_lib.Stream.SUBSAMPLE)
     return self._retrieve_and_draw(table, prompts, fixed, fixed, 1.0,
-                                   self.config.privacy.num_neighbors, 0.0, sample_key)
+                                   self.config.privacy.num_neighbors, 0.0, sample_key, rows)
 
   def _retrieve_and_draw(self, table, prompts, subsample_keys, noise_keys, sampling_rate, k,
-                         noise_std, sample_key) -> np.ndarray:
+                         noise_std, sample_key, rows) -> np.ndarray:
+    rows = rows or self.run_batch_size(len(prompts))
     text, values = self.embed_prompts(prompts)
-    queries, values, subsample_keys, noise_keys = self._pad(
+    queries, values, subsample_keys, noise_keys = self._pad(rows,
         jnp.asarray(self.queries(text, values)), jnp.asarray(values), subsample_keys, noise_keys)
-    out = self._program("retrieve", sampling_rate, k)(
+    out = self._program("retrieve", rows, sampling_rate, k)(
         self.params, table, queries, values, subsample_keys, noise_keys,
         jnp.float32(noise_std), jnp.float32(self.config.privacy.interpolation), sample_key)
     return self._finish(out, len(prompts))
@@ -360,20 +372,21 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
                   file=sys.stderr, dynamic_ncols=True, mininterval=1.0, disable=not progress)
   start, written = time.perf_counter(), 0
   try:
-    for lo in range(0, len(todo), gen.batch_size):
-      batch = todo[lo:lo + gen.batch_size]
+    rows = gen.run_batch_size(len(todo))
+    for lo in range(0, len(todo), rows):
+      batch = todo[lo:lo + rows]
       texts = [prompts[i] for i in batch]
       sample_key = jax.random.fold_in(jax.random.key(config.seed), batch[0])
       if mode == "private":
         grant = book.charge(retrieval_set.fingerprint, _mechanism(config), len(batch))
         if table is None:  # the first private read, after the first charge
           table = retrieval_set.table(gen.mesh)
-        images = gen.generate_private(grant, retrieval_set, table, texts, sample_key)
+        images = gen.generate_private(grant, retrieval_set, table, texts, sample_key, rows)
         (spent,) = book.status(grant.fingerprint)
         per = [dict(query=grant.first_query + j, epsilon_spent=spent.epsilon_spent,
                     epsilon_remaining=spent.epsilon_remaining) for j in range(len(batch))]
       else:
-        images = gen._generate_free(mode, texts, sample_key, table)
+        images = gen._generate_free(mode, texts, sample_key, table, rows)
         per = [dict(query=None) for _ in batch]
       for j, i in enumerate(batch):
         record = dict(prompt=prompts[i], image=f"{i:05d}.png", index=i, mode=mode, **settings,
@@ -395,7 +408,7 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
   seconds = time.perf_counter() - start
   return dict(out=str(out), mode=mode, prompts=len(prompts), generated_now=written,
               seconds=seconds, images_per_second=written / max(seconds, 1e-9),
-              batch_size=gen.batch_size, devices=gen.mesh.size, **privacy)
+              batch_size=gen.run_batch_size(len(todo)), devices=gen.mesh.size, **privacy)
 
 
 GRID_COLUMNS = 8

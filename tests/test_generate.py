@@ -220,6 +220,9 @@ def test_private_images_use_the_grant_keys_and_sharded_equals_one_device(setup, 
     m = accounting.Mechanism(0.5, 0.5, 4)  # z = 1: a real subsample and real noise
     grants = [book.charge(retrieval_set.fingerprint, m, 3) for _ in range(2)]
   one = generate.Generator(config, sharding.make_mesh({}, jax.devices()[:1]))
+  # A run of fewer prompts than config.generate.batch_size (4) computes only what it needs.
+  assert [one.run_batch_size(n) for n in (1, 3, 4, 100)] == [1, 3, 4, 4]
+  assert [generator.run_batch_size(n) for n in (1, 9)] == [8, 8]  # a multiple of 8 devices
   assert generator.mesh.size == 8 and generator.mesh.shape["data"] == 8
   key = jax.random.key(5)
   sharded = generator.generate_private(grants[0], retrieval_set,
