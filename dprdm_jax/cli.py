@@ -448,6 +448,27 @@ def _train(fv, config):
   return text, result
 
 
+def _define_export(fv):
+  flags.DEFINE_string("workdir", None, "work directory of `dprdm train` (default: the config's "
+                      "train.workdir)", flag_values=fv)
+  flags.DEFINE_string("out", None, "the release directory to write (replaced if it exists)",
+                      flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("export", "write a trained U-Net's EMA parameters as a release (dprdm_jax/release.py)",
+         _define_export, takes_config=True)
+def _export(fv, config):
+  config = _need_config(config, "train")
+  from dprdm_jax import release  # pylint: disable=g-import-not-at-top
+  if not fv.out:
+    raise UsageError("--out is required")
+  workdir = fv.workdir or config.train.workdir
+  manifest = release.export(config, workdir, fv.out, command=" ".join(["dprdm", *sys.argv[1:]]))
+  return (f"release of step {manifest['step']:,} in {fv.out} (config hash "
+          f"{manifest['config_hash'][:12]}...)"), manifest
+
+
 def _define_sample(fv):
   flags.DEFINE_string("workdir", None, "work directory of `dprdm train` (default: the config's "
                       "train.workdir)", flag_values=fv)
@@ -539,9 +560,11 @@ def _train_classifier(fv, config):
   figures = classifier.train(config, workdir)
   sizes = figures["test_sizes"]
   text = (f"evaluation classifier in {workdir}: test accuracy {figures['accuracy_public']:.4f} on "
-          f"the public test split ({sizes['public']:,} images, 20 classes), "
+          f"the public test split ({sizes['public']:,} images, "
+          f"{len(classifier.DOMAINS['public'])} classes), "
           f"{figures['accuracy_fashion_mnist']:.4f} on the odd half of Fashion-MNIST test "
-          f"({sizes['fashion_mnist']:,} images, 10 classes); 30-way classification")
+          f"({sizes['fashion_mnist']:,} images, {len(classifier.DOMAINS['fashion_mnist'])} "
+          f"classes); {len(classifier.class_captions())}-way classification")
   return text, dict(workdir=str(workdir), **figures)
 
 
@@ -573,8 +596,36 @@ def _hit_rate(fv, config):
     lines.append(f"{directory}: {r['mode']}, {r['images']} images, class hit-rate "
                  f"{r['class_hit_rate']:.3f} +- {r['class_hit_rate_se']:.3f}, domain hit-rate "
                  f"{r['domain_hit_rate']:.3f} +- {r['domain_hit_rate_se']:.3f} (chance "
-                 f"{r['chance_class']:.3f} over 30 classes; +- one standard error); {eps_text}")
+                 f"{r['chance_class']:.3f} over {len(classifier.class_captions())} classes; +- one "
+                 f"standard error); {eps_text}")
   return "\n".join(lines), rows
+
+
+def _define_evaluate(fv):
+  flags.DEFINE_string("out", None, "report directory (default: the config's evaluate.out)",
+                      flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("evaluate", "the paper's comparison at a fixed budget: sweep, curves, report",
+         _define_evaluate, takes_config=True)
+def _evaluate(fv, config):
+  config = _need_config(config, "evaluate")
+  from dprdm_jax.evaluate import sweep  # pylint: disable=g-import-not-at-top
+  summary = sweep.evaluate(config, fv.out)
+  out = pathlib.Path(fv.out or config.evaluate.out)
+  final = {r["setting"]["mode"]: r for r in summary["final"]}
+  lines = [f"report: {out / 'report.md'} (best private setting {summary['best']})"]
+  for mode, r in final.items():
+    lines.append(f"  {mode:>10}: epsilon {_fmt_eps(r['epsilon'])}, class hit-rate "
+                 f"{r['class_hit_rate']:.3f} +- {r['class_hit_rate_se']:.3f}, FD (classifier "
+                 f"features) {r['fd']:.2f} +- {r['fd_se']:.2f}, {r['images']} images")
+  t, ledger = summary["target"], summary["evaluation_ledger"]
+  lines.append(f"  epsilon at T = {t['num_queries']:,} queries, delta {t['delta']:.3g} "
+               f"({t['accountant'].upper()}, {ADJACENCY}); this evaluation charged "
+               f"{ledger['queries']:,} queries to {ledger['path']} (epsilon "
+               f"{_fmt_eps(ledger['epsilon_spent'])}), nothing to the deployment ledger")
+  return "\n".join(lines), sweep.jsonable(summary)
 
 
 def _usage() -> str:

@@ -50,9 +50,11 @@ import ml_collections
 import numpy as np
 
 from dprdm_jax import embed
+from dprdm_jax import release
 from dprdm_jax import sample
 from dprdm_jax import sharding
 from dprdm_jax.diffusion import sampler
+from dprdm_jax.encoders import linear
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import aggregate
 from dprdm_jax.privacy import keys as keys_lib
@@ -148,8 +150,11 @@ class Generator:
     self.config = config
     self.mesh = mesh or sharding.make_mesh(config.mesh)
     g = config.generate
-    self.trainer, self.params, self.checkpoint_step = sample.load_ema(
-        config, g.checkpoint or config.train.workdir, self.mesh)
+    checkpoint = g.checkpoint or config.train.workdir
+    self.trainer, self.params, self.checkpoint_step = sample.load_ema(config, checkpoint,
+                                                                      self.mesh)
+    if release.is_release(checkpoint) and config.embed.image_tower == "linear":
+      release.check_tower(checkpoint, pathlib.Path(config.encoder.workdir) / linear.FILE)
     self.text, center = embed.open_text_tower(config)
     self._encode_text = lambda p: self.text.encode_text(p, center=center)
     self.tower = embed.open_image_tower(config)
@@ -195,24 +200,24 @@ class Generator:
       knn = (device.sharded_private_knn(mesh, "data", sampling_rate, k) if mesh.shape["data"] > 1
              else functools.partial(device.private_knn, sampling_rate=sampling_rate, k=k))
 
-    def draw(params, context, sample_key):
+    def draw(params, context, sample_key, guidance_scale):
       model = self.trainer.model(params)
       context = jax.lax.with_sharding_constraint(context, batch)
       return sampler.ddim_sample(
           lambda x, t, ctx: model(x, t, ctx, deterministic=True), self.trainer.schedule,
           sample_key, shape, context, num_steps=d.sample_steps, eta=d.eta,
-          guidance_scale=d.guidance_scale, clip_x0=d.clip_x0, sharding=batch)
+          guidance_scale=guidance_scale, clip_x0=d.clip_x0, sharding=batch)
 
     if kind == "retrieve":
       def run(params, table, queries, prompt_values, subsample_keys, noise_keys, noise_std,
-              interpolation, sample_key):
+              interpolation, sample_key, guidance_scale):
         found = knn(table, queries, subsample_keys)
         context = aggregate.aggregate(found.embeddings, found.valid, prompt_values, noise_keys,
                                       noise_std, interpolation)
-        return draw(params, context, sample_key)
+        return draw(params, context, sample_key, guidance_scale)
     else:
-      def run(params, prompt_values, sample_key):
-        return draw(params, prompt_values[:, None, :], sample_key)
+      def run(params, prompt_values, sample_key, guidance_scale):
+        return draw(params, prompt_values[:, None, :], sample_key, guidance_scale)
     program = jax.jit(run)
     self._programs[name] = program
     return program
@@ -227,9 +232,11 @@ class Generator:
 
   def generate_private(self, grant: ledger_lib.Grant, retrieval_set: RetrievalSet,
                        table: device.DeviceTable, prompts: list[str], sample_key: jax.Array,
-                       rows: Optional[int] = None) -> np.ndarray:
+                       rows: Optional[int] = None, interpolation: Optional[float] = None,
+                       guidance_scale: Optional[float] = None) -> np.ndarray:
     """DP-RDM images (B, R, R, C) uint8 for the grant's B queries (computed in a program of `rows`
-    rows, default `run_batch_size(B)`).
+    rows, default `run_batch_size(B)`). interpolation (lambda) and guidance_scale default to the
+    generator's config; both act after the noise is added (post-processing).
 
     Guarantee: each image is post-processing of one Poisson-subsampled Gaussian mechanism with
     the grant's (sigma, q, k) (noise multiplier k*sigma/2, L2 sensitivity 2/k, rules R1-R3), whose
@@ -244,38 +251,68 @@ class Generator:
     m = grant.mechanism
     return self._retrieve_and_draw(table, prompts, grant.keys(keys_lib.Stream.SUBSAMPLE),
                                    grant.keys(keys_lib.Stream.NOISE), m.sampling_rate,
-                                   m.num_neighbors, m.noise_std, sample_key, rows)
+                                   m.num_neighbors, m.noise_std, sample_key, rows,
+                                   interpolation, guidance_scale)
 
   def _generate_free(self, mode: str, prompts: list[str], sample_key: jax.Array,
-                     table: Optional[device.DeviceTable], rows: int) -> np.ndarray:
+                     table: Optional[device.DeviceTable], rows: int, k: Optional[int] = None,
+                     interpolation: Optional[float] = None,
+                     guidance_scale: Optional[float] = None) -> np.ndarray:
     """Images for the modes that spend no budget: "public" and "nonprivate" (q = 1, sigma = 0:
     every record is in every subsample, so the keys are the seed's) and "none". Not public:
     `generate` is the way in, and it refuses "nonprivate" unless it is asked for explicitly."""
     if mode == "none":
       _, values = self.embed_prompts(prompts)
       (values,) = self._pad(rows, jnp.asarray(values))
-      return self._finish(self._program("none", rows)(self.params, values, sample_key),
-                          len(prompts))
+      return self._finish(self._program("none", rows)(
+          self.params, values, sample_key, self._guidance(guidance_scale)), len(prompts))
     if mode not in ("public", "nonprivate"):
       raise GenerateError(f"_generate_free takes 'public', 'nonprivate' or 'none', not {mode!r}")
     n = len(prompts)
     fixed = keys_lib.query_keys(self.config.seed, 0, n, keys_lib.Stream.SUBSAMPLE)
     return self._retrieve_and_draw(table, prompts, fixed, fixed, 1.0,
-                                   self.config.privacy.num_neighbors, 0.0, sample_key, rows)
+                                   k or self.config.privacy.num_neighbors, 0.0, sample_key, rows,
+                                   interpolation, guidance_scale)
+
+  def _guidance(self, guidance_scale: Optional[float]) -> jax.Array:
+    return jnp.float32(self.config.diffusion.guidance_scale if guidance_scale is None
+                       else guidance_scale)
 
   def _retrieve_and_draw(self, table, prompts, subsample_keys, noise_keys, sampling_rate, k,
-                         noise_std, sample_key, rows) -> np.ndarray:
+                         noise_std, sample_key, rows, interpolation=None,
+                         guidance_scale=None) -> np.ndarray:
     rows = rows or self.run_batch_size(len(prompts))
     text, values = self.embed_prompts(prompts)
     queries, values, subsample_keys, noise_keys = self._pad(rows,
         jnp.asarray(self.queries(text, values)), jnp.asarray(values), subsample_keys, noise_keys)
     out = self._program("retrieve", rows, sampling_rate, k)(
         self.params, table, queries, values, subsample_keys, noise_keys,
-        jnp.float32(noise_std), jnp.float32(self.config.privacy.interpolation), sample_key)
+        jnp.float32(noise_std),
+        jnp.float32(self.config.privacy.interpolation if interpolation is None else interpolation),
+        sample_key, self._guidance(guidance_scale))
     return self._finish(out, len(prompts))
 
   def _finish(self, images: jax.Array, n: int) -> np.ndarray:
     return sample.to_uint8(np.asarray(images)[:n])
+
+
+def _check_generator(gen: Generator, config: ml_collections.ConfigDict) -> None:
+  """GenerateError unless `gen` was built for what `config` asks of the model: a generator may
+  serve configs that differ in the privacy settings, lambda and the guidance scale (arguments of
+  its programs), never in the model, its checkpoint, the towers or the sampler."""
+  mine, theirs = gen.config, config
+  differ = [name for name in ("seed", "model", "data", "embed", "encoder", "mesh")
+            if mine.get(name) != theirs.get(name)]
+  if (mine.generate.checkpoint or mine.train.workdir) != (theirs.generate.checkpoint
+                                                           or theirs.train.workdir):
+    differ.append("checkpoint")
+  skip = {"guidance_scale"}
+  if {k: v for k, v in mine.diffusion.items() if k not in skip} != {
+      k: v for k, v in theirs.diffusion.items() if k not in skip}:
+    differ.append("diffusion")
+  if differ:
+    raise GenerateError(f"the generator was built for another config ({', '.join(differ)} "
+                        "differ); build one for this config")
 
 
 def _mechanism(config) -> accounting.Mechanism:
@@ -330,6 +367,7 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
                         "noise (epsilon = infinity); it is for comparison only and must be asked "
                         "for explicitly (allow_nonprivate=True, --allow-nonprivate)")
   gen = generator or Generator(config)
+  _check_generator(gen, config)
   prompts = gen.check_prompts(prompts)
   g = config.generate
   out = pathlib.Path(out)
@@ -381,12 +419,14 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
         grant = book.charge(retrieval_set.fingerprint, _mechanism(config), len(batch))
         if table is None:  # the first private read, after the first charge
           table = retrieval_set.table(gen.mesh)
-        images = gen.generate_private(grant, retrieval_set, table, texts, sample_key, rows)
+        images = gen.generate_private(grant, retrieval_set, table, texts, sample_key, rows,
+                                      p.interpolation, d.guidance_scale)
         (spent,) = book.status(grant.fingerprint)
         per = [dict(query=grant.first_query + j, epsilon_spent=spent.epsilon_spent,
                     epsilon_remaining=spent.epsilon_remaining) for j in range(len(batch))]
       else:
-        images = gen._generate_free(mode, texts, sample_key, table, rows)
+        images = gen._generate_free(mode, texts, sample_key, table, rows, p.num_neighbors,
+                                    p.interpolation, d.guidance_scale)
         per = [dict(query=None) for _ in batch]
       for j, i in enumerate(batch):
         record = dict(prompt=prompts[i], image=f"{i:05d}.png", index=i, mode=mode, **settings,

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from dprdm_jax import embed
+from dprdm_jax import release
 from dprdm_jax import sharding
 from dprdm_jax import train
 from dprdm_jax.data import source as source_lib
@@ -58,8 +59,11 @@ def positions_of(source: source_lib.Source, ids: np.ndarray) -> np.ndarray:
 
 def load_ema(config: ml_collections.ConfigDict, workdir,
              mesh: jax.sharding.Mesh) -> tuple[train.Trainer, dict, int]:
-  """(trainer, EMA parameters, step) of the latest checkpoint of `dprdm train` in `workdir`."""
+  """(trainer, EMA parameters, step) of the latest checkpoint of `dprdm train` in `workdir`, or
+  of the release (`dprdm export`) in it."""
   trainer = train.Trainer(config, mesh)
+  if release.is_release(workdir):
+    return (trainer, *release.load_ema(trainer, workdir))
   state = train.restore(trainer, workdir)
   if state is None:
     raise FileNotFoundError(f"{workdir} holds no checkpoint of `dprdm train`; train first")

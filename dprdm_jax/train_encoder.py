@@ -150,9 +150,12 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
   manager.close()
   if stop_after is not None and stop_after < enc.steps:
     return None
-  # The value embedding of the default (encoders/linear.py): a closed-form fit, seconds.
-  linear_lib.fit(public_train.images, class_embeddings["public"][public_train.labels],
-                 enc.linear_dim).save(workdir)
+  # The value embedding of the default (encoders/linear.py): a closed-form fit, seconds. A tower
+  # already there is kept, as the trained tower is: a U-Net trained on it (or a release's tower
+  # copied in, launch/local.sh) reads that one, and a refit elsewhere may differ in the last bit.
+  if not (workdir / linear_lib.FILE).exists():
+    linear_lib.fit(public_train.images, class_embeddings["public"][public_train.labels],
+                   enc.linear_dim).save(workdir)
   return evaluate(config, workdir, text, center, class_embeddings)
 
 

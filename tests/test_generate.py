@@ -19,54 +19,21 @@ from PIL import Image
 from dprdm_jax import cli
 from dprdm_jax import generate
 from dprdm_jax import sharding
-from dprdm_jax import train
-from dprdm_jax import train_encoder
-from dprdm_jax.data import offline
-from dprdm_jax.encoders import linear as linear_lib
-from dprdm_jax.encoders import text as text_lib
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import keys as keys_lib
 from dprdm_jax.privacy import ledger as ledger_lib
 from dprdm_jax.retrieval import store as store_lib
+from tests import conftest
 from tests.test_configs import load
 
 PROMPTS = ["a photo of a sneaker", "a photo of a bag", "a silhouette of a zebra"]
-PRIVATE_RECORDS = 1000  # the tiny config's dataset_size
-
-
-def _stores(directory: pathlib.Path, source, tower, text, center, n=None):
-  """Caption-key and image-value stores of the first n records of source."""
-  rows = source.read(np.arange(n or len(source)))
-  captions = text.encode_text(sorted(set(rows["caption"].tolist())), center=center)
-  index = {c: i for i, c in enumerate(sorted(set(rows["caption"].tolist())))}
-  keys = captions[[index[c] for c in rows["caption"]]]
-  store_lib.EmbeddingStore.write(directory / "captions", keys, ids=rows["id"])
-  store_lib.EmbeddingStore.write(directory / "images", tower.encode_images(rows["image"]),
-                                 ids=rows["id"])
-  return directory
+PRIVATE_RECORDS = conftest.TINY_PRIVATE_RECORDS
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("generate")
-  config = load("configs/default.py:tiny")
-  train_encoder.train(config, root / "encoder")
-  tower = linear_lib.load(root / "encoder")
-  text = text_lib.TextEncoder.load()
-  center = text.fit_center(list(offline.caption_vocabulary()))
-  private = _stores(root / "private", offline.load("fashion_mnist", "train"), tower, text, center,
-                    PRIVATE_RECORDS)
-  public = _stores(root / "public", offline.load("public", "train"), tower, text, center)
-  overrides = [f"--config.encoder.workdir={root / 'encoder'}",
-               f"--config.train.embeddings={public / 'images'}",
-               f"--config.train.workdir={root / 'unet'}",
-               f"--config.generate.private_keys={private / 'captions'}",
-               f"--config.generate.private_values={private / 'images'}",
-               f"--config.generate.public_keys={public / 'captions'}",
-               f"--config.generate.public_values={public / 'images'}",
-               "--config.diffusion.sample_steps=3"]
-  train.train(load("configs/default.py:tiny", *overrides), root / "unet")
-  return root, overrides
+def setup(tiny_product):
+  """(root, config overrides) of the tiny towers, stores and U-Net (tests/conftest.py)."""
+  return tiny_product
 
 
 def _config(setup, *extra):
@@ -144,6 +111,35 @@ def test_a_rerun_skips_what_was_written_and_charges_nothing_more(setup, generato
                         progress=False)
   with ledger_lib.Ledger(ledger) as book:
     assert book.status()[0].queries == 3
+
+
+@pytest.mark.slow
+def test_one_generator_serves_other_guidance_lambda_and_k_and_records_what_it_drew(
+    setup, generator, tmp_path):
+  # The reused generator (built for w = 4, lambda = 1, k = 4) must draw what a generator built
+  # for the new settings draws: they are arguments of its programs, not baked into them.
+  extra = ("--config.diffusion.guidance_scale=1.5", "--config.privacy.interpolation=0.5",
+           "--config.privacy.num_neighbors=2")
+  config = _config(setup, *extra)
+  reused = generate.generate(config, PROMPTS, tmp_path / "reused", "public", generator=generator,
+                             progress=False)
+  fresh = generate.generate(config, PROMPTS, tmp_path / "fresh", "public", progress=False)
+  default = generate.generate(_config(setup), PROMPTS, tmp_path / "default", "public",
+                              generator=generator, progress=False)
+  images = {name: [np.asarray(Image.open(tmp_path / name / r["image"])) for r in
+                   _records(tmp_path / name)] for name in ("reused", "fresh", "default")}
+  np.testing.assert_array_equal(images["reused"], images["fresh"])
+  assert not np.array_equal(images["reused"], images["default"])
+  record = _records(tmp_path / "reused")[0]
+  assert (record["guidance_scale"], record["interpolation"], record["k"]) == (1.5, 0.5, 2)
+  assert reused["generated_now"] == fresh["generated_now"] == default["generated_now"] == 3
+  # What the programs do not take as arguments must match the generator's config.
+  for override, name in (("--config.diffusion.eta=0.0", "diffusion"),
+                         ("--config.seed=7", "seed"),
+                         ("--config.train.workdir=/elsewhere", "checkpoint")):
+    with pytest.raises(generate.GenerateError, match=f"another config \\({name}"):
+      generate.generate(_config(setup, override), PROMPTS, tmp_path / name, "public",
+                        generator=generator, progress=False)
 
 
 @pytest.mark.slow

