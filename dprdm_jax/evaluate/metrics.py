@@ -10,6 +10,8 @@ numbers are not comparable with Inception-based ones.
                      over random subsets (KID, Binkowski et al., 2018)
   prdc               precision, recall, density and coverage on k-nearest-neighbour balls
                      (Naeem et al., 2020; Kynkaanniemi et al., 2019)
+  clip_score         100 * mean max(cos(image, prompt), 0) on CLIP embeddings (Hessel et al.,
+                     2021, with torchmetrics' scale): for real data with a pretrained CLIP
   bootstrap          the standard error of any of them, resampling the generated set
 
 scipy.linalg.sqrtm gives the matrix square root; the rest is numpy: these run once per report
@@ -123,3 +125,21 @@ def bootstrap(metric: Callable[[np.ndarray], dict[str, float]], generated, round
            for _ in range(rounds)]
   return {name: (float(value), float(np.std([d[name] for d in draws], ddof=1)))
           for name, value in values.items()}
+
+
+def clip_score(image_embeddings, text_embeddings) -> float:
+  """CLIP score: 100 * the mean over pairs of max(cosine(image_i, text_i), 0).
+
+  Row i of each is one generated image and the prompt it was drawn for, embedded by the same
+  CLIP (`encoders.clip`); the rows need not be normalised.
+  """
+  images = _features(image_embeddings, "image embeddings")
+  texts = _features(text_embeddings, "text embeddings")
+  if images.shape != texts.shape:
+    raise ValueError(f"one prompt per image: image embeddings {images.shape}, text embeddings "
+                     f"{texts.shape}")
+  norms = np.linalg.norm(images, axis=1) * np.linalg.norm(texts, axis=1)
+  if (norms == 0).any():
+    raise ValueError("a zero embedding has no cosine")
+  cosines = np.einsum("nd,nd->n", images, texts) / norms
+  return float(100.0 * np.maximum(cosines, 0.0).mean())

@@ -34,10 +34,11 @@ next open. Readers (`status`) never block the writer. The file must live on a lo
 locks are unreliable on network file systems, so on a pod one process (or a service) owns the
 ledger and the others ask it.
 
-Cost of a charge. Checking a history of one setting compares an integer with a cached allowance
-(the largest T within budget, computed once per setting with `accounting.max_queries`); a mixed
-history runs the accountant on the composed history inside the transaction (about 0.05 s with RDP,
-0.3 s with PLD here).
+Cost of a charge. Every setting's allowance (the largest T the whole budget allows it alone,
+`accounting.max_queries`) is computed once, outside the write lock, and cached in the file; a
+count above it is refused at once. Checking a history of one setting then compares integers; a
+mixed history runs the accountant on the composed history inside the transaction (about 0.05 s
+with RDP, 0.3 s with PLD here), bounded by the allowance.
 """
 
 import dataclasses
@@ -243,47 +244,59 @@ class Ledger:
     Raises BudgetExceededError (naming the spent and remaining epsilon) if the charge would exceed
     the budget, LedgerError if the dataset is not registered. See the module docstring for the
     formal guarantee.
+
+    A count larger than the mechanism's allowance (the queries the whole budget allows it alone)
+    is refused before the write lock is taken and without composing the refused count, so an
+    absurd count (10**12) costs no more than a small one and never stalls other processes. The
+    refusal's message is built after the lock is released.
     """
     count = accounting.check_queries(count)
     budget = self.budget(fingerprint)
-    if set(self._history(fingerprint)) <= {mechanism}:
-      self._allowance(budget, mechanism)  # outside the write lock: autocommit
+    allowance = self._allowance(budget, mechanism)  # outside the write lock: autocommit
+    if count > allowance:  # composition only adds epsilon: no history can make this fit
+      raise self._refusal(budget, self._history(fingerprint), mechanism, count, allowance)
     with self._transaction():
       history = self._history(fingerprint)
       if set(history) <= {mechanism}:
-        within = history.get(mechanism, 0) + count <= self._allowance(budget, mechanism)
-      else:
+        within = history.get(mechanism, 0) + count <= allowance
+      else:  # count <= allowance bounds the composition's size
         within = accounting.history_epsilon(_plus(history, mechanism, count), budget.delta,
                                             budget.accountant) <= budget.epsilon_budget
-      if not within:
-        raise self._refusal(budget, history, mechanism, count)
-      seed, first = self._db.execute(
-          "SELECT seed, MAX(next_query, COALESCE((SELECT MAX(first_query + count) FROM charges "
-          "WHERE fingerprint = ?1), 0)) FROM datasets WHERE fingerprint = ?1",
-          (fingerprint,)).fetchone()
-      if first + count > keys.MAX_QUERIES:
-        raise LedgerError(f"dataset {fingerprint} has used {first:,} query numbers; {count:,} more "
-                          f"would pass the key space's 2**64")
-      nonce = secrets.randbits(64)
-      self._db.execute("INSERT INTO charges (fingerprint, noise_std, sampling_rate, num_neighbors, "
-                       "count, first_query, time, nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (fingerprint, mechanism.noise_std, mechanism.sampling_rate,
-                        mechanism.num_neighbors, count, first, time.time(), str(nonce)))
-      self._db.execute("UPDATE datasets SET next_query = ? WHERE fingerprint = ?",
-                       (first + count, fingerprint))
+      if within:
+        seed, first = self._db.execute(
+            "SELECT seed, MAX(next_query, COALESCE((SELECT MAX(first_query + count) FROM "
+            "charges WHERE fingerprint = ?1), 0)) FROM datasets WHERE fingerprint = ?1",
+            (fingerprint,)).fetchone()
+        if first + count > keys.MAX_QUERIES:
+          raise LedgerError(f"dataset {fingerprint} has used {first:,} query numbers; {count:,} "
+                            "more would pass the key space's 2**64")
+        nonce = secrets.randbits(64)
+        self._db.execute(
+            "INSERT INTO charges (fingerprint, noise_std, sampling_rate, num_neighbors, count, "
+            "first_query, time, nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (fingerprint, mechanism.noise_std, mechanism.sampling_rate, mechanism.num_neighbors,
+             count, first, time.time(), str(nonce)))
+        self._db.execute("UPDATE datasets SET next_query = ? WHERE fingerprint = ?",
+                         (first + count, fingerprint))
+    if not within:  # nothing was written; the lock is released
+      raise self._refusal(budget, history, mechanism, count, allowance)
     return Grant(fingerprint, mechanism, first, count, int(seed), nonce)
 
-  def _refusal(self, budget, history, mechanism, count) -> BudgetExceededError:
+  def _refusal(self, budget, history, mechanism, count, allowance) -> BudgetExceededError:
     spent = self._spent(budget, history)
-    wanted = accounting.history_epsilon(_plus(history, mechanism, count), budget.delta,
-                                        budget.accountant)
+    setting = (f"sigma={mechanism.noise_std:g}, q={mechanism.sampling_rate:g}, "
+               f"k={mechanism.num_neighbors}")
+    if count > allowance:
+      why = (f"the whole budget allows at most {allowance:,} queries with {setting}")
+    else:
+      wanted = accounting.history_epsilon(_plus(history, mechanism, count), budget.delta,
+                                          budget.accountant)
+      why = f"they would bring epsilon to {wanted:.4g}"
     return BudgetExceededError(
-        f"refused: {count} more quer{'y' if count == 1 else 'ies'} with "
-        f"sigma={mechanism.noise_std:g}, q={mechanism.sampling_rate:g}, "
-        f"k={mechanism.num_neighbors} would bring epsilon to {wanted:.4g}, over the budget "
-        f"{budget.epsilon_budget:g} of dataset {budget.fingerprint} (delta={budget.delta:.3g}, "
-        f"{budget.accountant.upper()}); spent epsilon {spent:.4g}, remaining epsilon "
-        f"{max(0.0, budget.epsilon_budget - spent):.4g}")
+        f"refused: {count:,} more quer{'y' if count == 1 else 'ies'} with {setting}: {why}, "
+        f"over the budget {budget.epsilon_budget:g} of dataset {budget.fingerprint} "
+        f"(delta={budget.delta:.3g}, {budget.accountant.upper()}); spent epsilon {spent:.4g}, "
+        f"remaining epsilon {max(0.0, budget.epsilon_budget - spent):.4g}")
 
   @staticmethod
   def _spent(budget: Budget, history) -> float:

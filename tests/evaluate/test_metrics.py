@@ -67,3 +67,14 @@ def test_bad_features_are_refused():
     metrics.kernel_distance(np.full((4, 2), np.nan), np.zeros((4, 2)))
   with pytest.raises(ValueError, match="nearest_k"):
     metrics.prdc(np.zeros((4, 2)), np.zeros((3, 2)), nearest_k=3)
+
+
+def test_clip_score_by_hand():
+  # cosines 1 (same direction, other length), 0.6 and -0.8 (clipped to 0): 100 * 1.6 / 3.
+  images = [[2.0, 0.0], [3.0, 4.0], [-3.0, -4.0]]
+  texts = [[5.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+  assert metrics.clip_score(images, texts) == pytest.approx(100 * 1.6 / 3)
+  with pytest.raises(ValueError, match="one prompt per image"):
+    metrics.clip_score(images, texts[:2])
+  with pytest.raises(ValueError, match="zero embedding"):
+    metrics.clip_score([[0.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]])

@@ -85,6 +85,35 @@ def test_mixed_history_is_checked_by_composing(tmp_path):
     assert ledger.status()[0].epsilon_spent <= 0.3
 
 
+def test_an_absurd_count_is_refused_without_composing_it(tmp_path, monkeypatch):
+  # Composing 10**12 queries under PLD would take minutes inside the write lock (or run out of
+  # memory); the allowance refuses it first, for a fresh, a one-setting and a mixed history.
+  composed = []
+  history_event = accounting.history_event
+
+  def recording(history):
+    items = history.items() if isinstance(history, dict) else history
+    composed.append(max(n for _, n in items))
+    return history_event(history)
+
+  monkeypatch.setattr(accounting, "history_event", recording)
+  other = accounting.Mechanism(1.0, 0.02, 8)
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as ledger:
+    allowance = small_budget_allowance(ledger)
+    for before in ((), ((MECHANISM, 2),), ((other, 3),)):
+      for mechanism, n in before:
+        ledger.charge("fp", mechanism, n)
+      composed.clear()
+      with pytest.raises(ledger_lib.BudgetExceededError,
+                         match=f"allows at most {allowance:,} queries") as refused:
+        ledger.charge("fp", MECHANISM, 10**12)
+      assert "1,000,000,000,000 more queries" in str(refused.value)
+      assert "remaining epsilon" in str(refused.value)
+      # Never the refused count: at most the allowance's own search, which brackets by doubling.
+      assert max(composed, default=0) <= 2 * allowance
+    assert ledger.status()[0].queries == 5
+
+
 def test_missing_and_corrupt_files_are_refused(tmp_path):
   with pytest.raises(ledger_lib.LedgerError, match="no ledger file"):
     ledger_lib.Ledger(tmp_path / "missing.db")
