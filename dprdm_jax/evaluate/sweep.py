@@ -36,6 +36,7 @@ import json
 import math
 import pathlib
 import sys
+import time
 from typing import Optional
 
 import ml_collections
@@ -137,6 +138,7 @@ class Evaluation:
                   else 1.0 / self.private_size)
     self.accountant = config.privacy.accountant
     self.results: dict[str, dict] = {}  # by name: a setting met twice is measured once
+    self._start, self._done_images = time.monotonic(), 0
 
   def prompts_for(self, per_prompt: int) -> list[str]:
     return [p for p in self.prompts for _ in range(per_prompt)]
@@ -147,8 +149,13 @@ class Evaluation:
       return self.results[setting.name]
     directory = self.out / "samples" / setting.name
     prompts = self.prompts_for(per_prompt)
-    print(f"== [{len(self.results) + 1}/{settings_count(self.e)}] {setting.name}: "
-          f"{len(prompts)} images", file=sys.stderr, flush=True)
+    settings, images = plan_size(self.e, len(self.prompts))
+    eta = ""
+    if self._done_images:  # this run's pace so far, compilation and measuring included
+      pace = (time.monotonic() - self._start) / self._done_images
+      eta = f"; about {pace * (images - self._done_images) / 60:.0f} min left for the evaluation"
+    print(f"== [{len(self.results) + 1}/{settings}] {setting.name}: {len(prompts)} images{eta}",
+          file=sys.stderr, flush=True)
     generate_lib.generate(
         setting.config(self.config, self.e.ledger_budget, self.e.ledger_accountant), prompts,
         directory, setting.mode,
@@ -167,6 +174,7 @@ class Evaluation:
                   accountant=self.accountant, directory=str(directory),
                   **self.measure([r["prompt"] for r in records], images))
     self.results[setting.name] = result
+    self._done_images += len(prompts)
     return result
 
   def measure(self, prompts: list[str], images: np.ndarray) -> dict:
@@ -206,12 +214,13 @@ def _best(results: list[dict]) -> dict:
   return max(results, key=lambda r: r["class_hit_rate"])
 
 
-def settings_count(e: ml_collections.ConfigDict) -> int:
-  """How many settings `evaluate` draws (for the progress line)."""
+def plan_size(e: ml_collections.ConfigDict, prompts: int) -> tuple[int, int]:
+  """How many settings and images `evaluate` draws (for the progress lines)."""
   grid = len(e.neighbors) * len(e.sampling_rates)
   post = len(e.interpolations) - 1 + len(e.guidance_scales) - 1
-  curves = len(e.epsilons) - 1 + len(e.query_counts) - 1 + 1
-  return grid + post + curves + 4
+  curves = len(set(e.epsilons) - {e.epsilon}) + len(set(e.query_counts) - {e.num_queries}) + 1
+  sweep = grid + post + curves
+  return sweep + 4, prompts * (sweep * e.sweep_per_prompt + 4 * e.final_per_prompt)
 
 
 def evaluate(config: ml_collections.ConfigDict, out=None, progress: bool = True) -> dict:
