@@ -91,8 +91,9 @@ def get_config(arg=None):
   # `dprdm evaluate` (evaluate/sweep.py): the paper's comparison at epsilon_budget over
   # num_queries, on the private domain's ten class prompts. Its samples are charged to a ledger of
   # their own (never the deployment ledger), whose composed epsilon (RDP: fast for the sweep's
-  # mix of mechanisms) the report prints; the budget there only bounds a runaway sweep. Sizes: about 1,800 images, 15-20 minutes on two CPU
-  # cores; "per_prompt" counts are images per prompt and setting.
+  # mix of mechanisms) the report prints; the budget there only bounds a runaway sweep. Sizes:
+  # 1,760 images, 19 minutes on two CPU cores (2026-12-03; final_per_prompt=50: 2,960 images, 25
+  # minutes); "per_prompt" counts are images per prompt and setting.
   config.evaluate = ml_collections.ConfigDict(dict(
       out="runs/default/report", ledger="runs/default/eval-ledger.db", ledger_budget=1000.0,
       ledger_accountant="rdp",

@@ -99,7 +99,7 @@ def _plot_curve(rows: list[dict], x_key: str, x_label: str, baselines: list[dict
       ax.axhline(r[key], color=color, linestyle=":",
                  label=f"{MODE_NAMES[r['setting']['mode']]} (ε = 0), n = {r['images']}")
     ax.set_xscale("log")
-    ax.set_xticks(xs, [f"{x:,.3g}" for x in xs])
+    ax.set_xticks(xs, [f"{x:,.0f}" if float(x).is_integer() else f"{x:.3g}" for x in xs])
     ax.minorticks_off()
     ax.set_xlabel(x_label)
     ax.set_title(label, fontsize=10)
