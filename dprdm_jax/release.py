@@ -99,6 +99,9 @@ def export(config: ml_collections.ConfigDict, workdir, out, command: str = "") -
   out.mkdir(parents=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out / "ema", jax.device_get(ema))
+  # orbax's marker names the absolute path it wrote to; a release is copied and committed, so it
+  # must not carry the exporting machine's paths (a local restore does not read the marker).
+  (out / "ema" / "commit_success.txt").unlink(missing_ok=True)
   tower = pathlib.Path(config.encoder.workdir) / linear.FILE
   shutil.copyfile(tower, out / linear.FILE)
   shutil.copyfile(workdir / "metrics.jsonl", out / "train_log.jsonl")
