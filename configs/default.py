@@ -39,8 +39,10 @@ def get_config(arg=None):
       index=index_lib.index_config(config.privacy.dataset_size)))
 
   # Offline data (dprdm_jax/data/offline.py): 28x28 images padded to 32x32, one channel.
+  # public_test_split: the public images `dprdm sample` draws its contexts from.
   config.data = ml_collections.ConfigDict(dict(
-      resolution=32, public="public", private="fashion_mnist", tfds_dir=""))
+      resolution=32, public="public", private="fashion_mnist", tfds_dir="",
+      public_test_split="test"))
 
   # The image towers, fitted on the public set by `dprdm train-encoder` (about 2 minutes on two
   # CPU cores): the contrastive tower (LiT-style alignment to the frozen MiniLM caption
@@ -94,8 +96,9 @@ def get_config(arg=None):
   # mix of mechanisms) the report prints; the budget there only bounds a runaway sweep. Sizes:
   # 1,760 images, 19 minutes on two CPU cores (2026-12-03; final_per_prompt=50: 2,960 images, 25
   # minutes); "per_prompt" counts are images per prompt and setting.
+  # features: the judge (evaluate/judges.py), here the evaluation classifier above.
   config.evaluate = ml_collections.ConfigDict(dict(
-      out="runs/default/report", ledger="runs/default/eval-ledger.db", ledger_budget=1000.0,
+      features="classifier", out="runs/default/report", ledger="runs/default/eval-ledger.db", ledger_budget=1000.0,
       ledger_accountant="rdp",
       epsilon=config.privacy.epsilon_budget, num_queries=config.privacy.num_queries,
       neighbors=(16, 64), sampling_rates=(0.02, 0.05, 0.1), interpolations=(1.0, 0.7),

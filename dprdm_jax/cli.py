@@ -268,6 +268,49 @@ def _budget_status(fv, config):
        "accountant": s.budget.accountant} for s in found]}
 
 
+def _define_ledger_only(fv):
+  flags.DEFINE_string("ledger", None, "path of the budget ledger file", flag_values=fv)
+  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
+
+
+@command("budget verify", "check a ledger's integrity: hash chain, query ranges, budgets",
+         _define_ledger_only)
+def _budget_verify(fv, config):
+  if not fv.ledger:
+    raise UsageError("--ledger is required")
+  with ledger_lib.Ledger(fv.ledger) as ledger:
+    problems = ledger.verify()
+    found = ledger.status()
+  if problems:
+    raise ledger_lib.LedgerError(f"{fv.ledger} failed verification, {len(problems)} problem(s): "
+                                 + "; ".join(problems))
+  charges = sum(s.queries for s in found)
+  return (f"{fv.ledger}: sound ({len(found)} dataset(s), {charges:,} queries charged; hash chain, "
+          "query ranges, nonces, budgets and allowances checked)"), {
+              "ledger": fv.ledger, "sound": True, "datasets": len(found), "queries": charges}
+
+
+def _define_backup(fv):
+  _define_ledger_only(fv)
+  flags.DEFINE_string("out", None, "the backup file to write (must not exist)", flag_values=fv)
+
+
+@command("budget backup", "a consistent copy of a ledger (SQLite's backup API), mode 0600",
+         _define_backup)
+def _budget_backup(fv, config):
+  if not fv.ledger or not fv.out:
+    raise UsageError("--ledger and --out are required")
+  with ledger_lib.Ledger(fv.ledger) as ledger:
+    ledger.backup(fv.out)
+  with ledger_lib.Ledger(fv.out) as copy:
+    problems = copy.verify()
+  if problems:
+    raise ledger_lib.LedgerError(f"the backup {fv.out} failed verification: {problems[0]}")
+  return (f"backup of {fv.ledger} in {fv.out} (verified). Restoring it forgets the charges made "
+          "after now: restore only if the private set has answered nothing since"), {
+              "ledger": fv.ledger, "backup": fv.out, "verified": True}
+
+
 def _define_index_build(fv):
   flags.DEFINE_string("store", None, "embedding store directory to index", flag_values=fv)
   flags.DEFINE_string("from-npy", None, "a raw (N, d) float32 .npy matrix; becomes a store "
@@ -616,10 +659,12 @@ def _evaluate(fv, config):
   out = pathlib.Path(fv.out or config.evaluate.out)
   final = {r["setting"]["mode"]: r for r in summary["final"]}
   lines = [f"report: {out / 'report.md'} (best private setting {summary['best']})"]
+  (key, title, _), fd_title = summary["metrics"][0], dict(
+      (k, t) for k, t, _ in summary["metrics"])["fd"]
   for mode, r in final.items():
-    lines.append(f"  {mode:>10}: epsilon {_fmt_eps(r['epsilon'])}, class hit-rate "
-                 f"{r['class_hit_rate']:.3f} +- {r['class_hit_rate_se']:.3f}, FD (classifier "
-                 f"features) {r['fd']:.2f} +- {r['fd_se']:.2f}, {r['images']} images")
+    lines.append(f"  {mode:>10}: epsilon {_fmt_eps(r['epsilon'])}, {title} "
+                 f"{r[key]:.3f} +- {r[key + '_se']:.3f}, {fd_title} {r['fd']:.2f} +- "
+                 f"{r['fd_se']:.2f}, {r['images']} images")
   t, ledger = summary["target"], summary["evaluation_ledger"]
   lines.append(f"  epsilon at T = {t['num_queries']:,} queries, delta {t['delta']:.3g} "
                f"({t['accountant'].upper()}, {ADJACENCY}); this evaluation charged "

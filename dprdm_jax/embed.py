@@ -10,6 +10,7 @@ within a process each batch is split over the local devices' data axis; process 
 stores once every chunk is on disk (OUT must be a shared file system on a multi-host run).
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -49,6 +50,14 @@ def _data_sharding(batch_size: int) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
+@functools.cache
+def load_clip(path: str):
+  """The CLIP at `path` (encoders/clip.py), loaded once per process: the text tower, the image
+  tower and the evaluation's judge of a real-data config all use the same model."""
+  from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
+  return clip.ClipEncoder.load(path)
+
+
 def open_image_tower(config: ml_collections.ConfigDict):
   """The image encoder named by config.embed.image_tower (`dim`, `encode_images`)."""
   spec = config.embed.image_tower
@@ -58,8 +67,7 @@ def open_image_tower(config: ml_collections.ConfigDict):
     return image_lib.load(config.encoder.workdir, config.embed.batch_size,
                           _data_sharding(config.embed.batch_size))
   if spec.startswith("clip:"):
-    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
-    return clip.ClipEncoder.load(spec[len("clip:"):])
+    return load_clip(spec[len("clip:"):])
   raise ValueError(
       f"embed.image_tower must be 'linear', 'contrastive' or 'clip:PATH', got {spec!r}")
 
@@ -73,8 +81,7 @@ def open_text_tower(config: ml_collections.ConfigDict):
     text = text_lib.TextEncoder.load()
     return text, text.fit_center(list(offline.caption_vocabulary()))
   if spec.startswith("clip:"):
-    from dprdm_jax.encoders import clip  # pylint: disable=g-import-not-at-top
-    return clip.ClipEncoder.load(spec[len("clip:"):]), None
+    return load_clip(spec[len("clip:"):]), None
   raise ValueError(f"embed.text_tower must be 'minilm' or 'clip:PATH', got {spec!r}")
 
 

@@ -456,14 +456,12 @@ GRID_COLUMNS = 8
 
 def _write_grid(out: pathlib.Path, prompts: list[str]) -> None:
   """OUT/grid.png: one row per distinct prompt (in order), its first GRID_COLUMNS images."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   rows: dict[str, list[int]] = {}
   for i, p in enumerate(prompts):
     rows.setdefault(p, [])
     if len(rows[p]) < GRID_COLUMNS:
       rows[p].append(i)
-  images = [[np.asarray(Image.open(out / f"{i:05d}.png"))[..., None] for i in row]
-            for row in rows.values()]
+  images = [[sample.read_png(out / f"{i:05d}.png") for i in row] for row in rows.values()]
   sample.write_png(sample.grid(images), out / "grid.png")
 
 

@@ -5,7 +5,9 @@ default's (releases/offline-default), so the demo need not spend an hour of two 
 training it. A release directory holds:
 
   ema/               the EMA parameters (orbax StandardCheckpointer, a nested dict)
-  linear_tower.npz   the value embedding the U-Net was trained to read (encoders/linear.py)
+  linear_tower.npz   the value embedding the U-Net was trained to read (encoders/linear.py),
+                     when config.embed.image_tower is "linear"; a pretrained tower (CLIP) is
+                     named in release.json instead
   train_log.jsonl    the run's metrics.jsonl, step by step
   release.json       the step, the command, the hash of the training-relevant config, the
                      SHA-256 of linear_tower.npz and the public image store's fingerprint
@@ -26,9 +28,11 @@ import jax
 import ml_collections
 
 MANIFEST = "release.json"
-# The parts of a config that decide what training produces (paths and sampling settings do not).
+# The parts of a config that decide what training produces (paths, sampling settings and the
+# private side do not: one public model serves every private set).
 _TRAINING_FIELDS = {
-    "model": None, "data": ("tfds_dir",), "encoder": ("workdir",),
+    "model": None, "data": ("tfds_dir", "public_test_split", "private", "private_split"),
+    "encoder": ("workdir",),
     "embed": ("out", "batch_size", "chunk_size"),
     "train": ("workdir", "embeddings", "log_every", "checkpoint_every", "keep_checkpoints"),
     "diffusion": ("sample_steps", "eta", "guidance_scale", "clip_x0"),
@@ -40,9 +44,12 @@ class ReleaseError(ValueError):
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  """SHA-256 of the training-relevant parts of `config` (_TRAINING_FIELDS) and its seed."""
+  """SHA-256 of the training-relevant parts of `config` (_TRAINING_FIELDS, the blocks it has)
+  and its seed."""
   parts = {"seed": config.seed, "embedding_dim": config.privacy.embedding_dim}
   for name, ignored in _TRAINING_FIELDS.items():
+    if name not in config:  # configs with a pretrained tower have no encoder block
+      continue
     block = config[name].to_dict()
     parts[name] = {k: v for k, v in block.items() if k not in (ignored or ())}
   text = json.dumps(parts, sort_keys=True, default=list)
@@ -102,12 +109,13 @@ def export(config: ml_collections.ConfigDict, workdir, out, command: str = "") -
   # orbax's marker names the absolute path it wrote to; a release is copied and committed, so it
   # must not carry the exporting machine's paths (a local restore does not read the marker).
   (out / "ema" / "commit_success.txt").unlink(missing_ok=True)
-  tower = pathlib.Path(config.encoder.workdir) / linear.FILE
-  shutil.copyfile(tower, out / linear.FILE)
+  towers = dict(image_tower=config.embed.image_tower)
+  if config.embed.image_tower == "linear":
+    shutil.copyfile(pathlib.Path(config.encoder.workdir) / linear.FILE, out / linear.FILE)
+    towers["linear_tower_sha256"] = file_sha256(out / linear.FILE)
   shutil.copyfile(workdir / "metrics.jsonl", out / "train_log.jsonl")
   manifest = dict(step=step, config_hash=config_hash(config), command=command,
-                  exported=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  linear_tower_sha256=file_sha256(out / linear.FILE),
+                  exported=time.strftime("%Y-%m-%d %H:%M:%S %Z"), **towers,
                   public_store_fingerprint=store_lib.EmbeddingStore(
                       config.train.embeddings, verify=False).fingerprint,
                   python=sys.version.split()[0], jax=jax.__version__)

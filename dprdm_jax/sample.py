@@ -117,6 +117,13 @@ def grid(rows: list[list[Optional[np.ndarray]]], scale: int = 2, gap: int = 2) -
   return out
 
 
+def read_png(path) -> np.ndarray:
+  """A PNG written by `write_png` as (H, W, C) uint8: C = 1 for grayscale, 3 for RGB."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  picture = np.asarray(Image.open(path))
+  return picture[..., None] if picture.ndim == 2 else picture
+
+
 def write_png(picture: np.ndarray, path) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
@@ -137,7 +144,7 @@ def sample_grid(config: ml_collections.ConfigDict, workdir, out, rows: int = 20,
   mesh = sharding.make_mesh(config.mesh)
   trainer, params, step = load_ema(config, workdir, mesh)
 
-  test = embed.open_source(config, config.data.public, "test")
+  test = embed.open_source(config, config.data.public, config.data.public_test_split)
   public = embed.open_source(config, config.data.public, "train")
   chosen = test.read(pick_rows(test, rows))
   encoder = embed.open_image_tower(config)

@@ -1,6 +1,7 @@
 """The `dprdm` command: JSON outputs, config fall-backs, and one-line errors with exit status 2."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -84,6 +85,27 @@ def test_budget_status(capsys, tmp_path):
   spent = accounting.history_epsilon({mechanism: 40}, 1e-5, "rdp")
   assert row["queries"] == 40 and row["epsilon_spent"] == pytest.approx(spent)
   assert row["epsilon_remaining"] == pytest.approx(2.0 - spent)
+
+
+def test_budget_verify_and_backup(capsys, tmp_path):
+  path, copy = tmp_path / "ledger.db", tmp_path / "backup.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("abc123", 2.0, 1e-5, "rdp")
+    ledger.charge("abc123", accounting.Mechanism(0.5, 0.01, 8), 40)
+  status, out, _ = dprdm(capsys, "budget", "verify", "--ledger", str(path))
+  assert status == 0 and "sound (1 dataset(s), 40 queries" in out
+  status, out, _ = dprdm(capsys, "budget", "backup", "--ledger", str(path), "--out", str(copy),
+                         "--json")
+  assert status == 0 and json.loads(out)["verified"] is True
+  status, _, err = dprdm(capsys, "budget", "backup", "--ledger", str(path), "--out", str(copy))
+  assert status == 2 and "never overwrites" in err
+  db = sqlite3.connect(path)
+  db.execute("UPDATE charges SET count = 1")  # hide 39 queries
+  db.commit()
+  db.close()
+  status, _, err = dprdm(capsys, "budget", "verify", "--ledger", str(path))
+  assert status == 2 and err.count("\n") == 1
+  assert "failed verification, 1 problem(s)" in err and "does not match the hash chain" in err
 
 
 BAD = [

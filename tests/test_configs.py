@@ -5,7 +5,8 @@ import pytest
 from dprdm_jax import config_lib
 from dprdm_jax.privacy import accounting
 
-CONFIGS = ["configs/default.py", "configs/default.py:tiny", "configs/coco.py"]
+CONFIGS = ["configs/default.py", "configs/default.py:tiny", "configs/coco.py",
+           "configs/coco.py:tiny", "configs/cifar10.py", "configs/cifar10.py:tiny"]
 load = config_lib.load
 
 
@@ -20,7 +21,7 @@ def test_privacy_block_is_complete_and_valid(path):
   assert 0 <= privacy.interpolation <= 1
 
 
-@pytest.mark.parametrize("path", ["configs/default.py", "configs/coco.py"])
+@pytest.mark.parametrize("path", ["configs/default.py", "configs/coco.py", "configs/cifar10.py"])
 def test_documented_settings_fit_their_budget(path):
   """Each config's planned T queries stay within its own budget at delta = 1/N."""
   privacy = load(path).privacy

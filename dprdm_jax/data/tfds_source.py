@@ -16,6 +16,10 @@ Per dataset:
   coco_captions  the 2014 images in the Karpathy and Li splits (train, val, test, restval),
                  label -1, no class names; each image has several captions and the first one
                  stored (the order of the Karpathy annotation file) is its caption.
+  imagenet2012   ILSVRC 2012 (train, validation; test has label -1), the paper's public data.
+                 tensorflow-datasets names its classes by WordNet id only ("n01440764"), and
+                 that id is the caption: the real-data configs search the public set by its
+                 CLIP image embeddings (config.embed.key = "image"), so no caption is read as text.
 
 Record ids are positions within the split as requested (e.g. "train", or "train[:1000]"). The
 dataset version is pinned and tensorflow-datasets writes a version's records in a deterministic
@@ -59,6 +63,11 @@ def _class_prompt(example: dict[str, Any], class_names: tuple[str, ...]) -> str:
   return f"{_article(noun)} {noun}, high quality photograph"
 
 
+def _wordnet_id(example: dict[str, Any], class_names: tuple[str, ...]) -> str:
+  label = int(example["label"])
+  return class_names[label] if label >= 0 else "unlabelled"
+
+
 def _first_caption(example: dict[str, Any], class_names: tuple[str, ...]) -> str:
   del class_names  # coco_captions has no classes.
   texts = example["captions"]["text"]
@@ -95,6 +104,7 @@ class _Dataset:
 DATASETS = {
     "cifar10": _Dataset("cifar10", None, "3.0.2", True, _class_prompt),
     "coco_captions": _Dataset("coco_captions", "2014", "1.1.0", False, _first_caption),
+    "imagenet2012": _Dataset("imagenet2012", None, "5.1.0", True, _wordnet_id),
 }
 
 

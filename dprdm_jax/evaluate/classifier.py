@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from PIL import Image
 
+from dprdm_jax import sample
 from dprdm_jax.data import offline
 
 _PUBLIC = len(offline.class_captions("public"))
@@ -176,15 +176,14 @@ def load(workdir) -> Loaded:
 
 
 def read_generated(directory) -> tuple[list[dict], np.ndarray]:
-  """The records (records.jsonl) and images (n, R, R, 1) uint8 of a `dprdm generate` output."""
+  """The records (records.jsonl) and images (n, R, R, C) uint8 of a `dprdm generate` output
+  (C = 1 for grayscale PNGs, 3 for RGB)."""
   directory = pathlib.Path(directory)
   path = directory / "records.jsonl"
   if not path.is_file():
     raise FileNotFoundError(f"{directory} holds no records.jsonl of `dprdm generate`")
   records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  images = np.stack([np.asarray(Image.open(directory / r["image"]).convert("L"))[..., None]
-                     for r in records])
-  return records, images
+  return records, np.stack([sample.read_png(directory / r["image"]) for r in records])
 
 
 def hit_rates(classifier: Loaded, prompts: Sequence[str], images: np.ndarray) -> dict:

@@ -127,8 +127,8 @@ def bootstrap(metric: Callable[[np.ndarray], dict[str, float]], generated, round
           for name, value in values.items()}
 
 
-def clip_score(image_embeddings, text_embeddings) -> float:
-  """CLIP score: 100 * the mean over pairs of max(cosine(image_i, text_i), 0).
+def clip_scores(image_embeddings, text_embeddings) -> np.ndarray:
+  """Per-pair CLIP scores: 100 * max(cosine(image_i, text_i), 0), float64 (n,).
 
   Row i of each is one generated image and the prompt it was drawn for, embedded by the same
   CLIP (`encoders.clip`); the rows need not be normalised.
@@ -142,4 +142,9 @@ def clip_score(image_embeddings, text_embeddings) -> float:
   if (norms == 0).any():
     raise ValueError("a zero embedding has no cosine")
   cosines = np.einsum("nd,nd->n", images, texts) / norms
-  return float(100.0 * np.maximum(cosines, 0.0).mean())
+  return 100.0 * np.maximum(cosines, 0.0)
+
+
+def clip_score(image_embeddings, text_embeddings) -> float:
+  """CLIP score: the mean of `clip_scores` over the pairs."""
+  return float(clip_scores(image_embeddings, text_embeddings).mean())

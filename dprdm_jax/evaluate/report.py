@@ -13,16 +13,6 @@ import textwrap
 
 import numpy as np
 
-METRICS = (  # (key, column title, better)
-    ("class_hit_rate", "class hit-rate", "higher"),
-    ("domain_hit_rate", "domain hit-rate", "higher"),
-    ("fd", "FD (classifier features)", "lower"),
-    ("kid", "KID (classifier features)", "lower"),
-    ("precision", "precision", "higher"),
-    ("recall", "recall", "higher"),
-    ("density", "density", "higher"),
-    ("coverage", "coverage", "higher"),
-)
 MODE_NAMES = {"private": "DP-RDM", "public": "public-only retrieval",
               "nonprivate": "non-private retrieval", "none": "no retrieval"}
 GRID_COLUMNS = 8
@@ -36,13 +26,17 @@ def _eps(x) -> str:
 
 def _cell(r: dict, key: str) -> str:
   value, se = r[key], r[f"{key}_se"]
-  digits = 2 if key == "fd" else 3 if key != "kid" else 4
+  digits = 2 if key in ("fd", "clip_score") else 4 if key == "kid" else 3
   return f"{value:.{digits}f} ± {se:.{digits}f}"
 
 
-def _table(rows: list[dict], title_first: str = "setting") -> list[str]:
+def _title(summary: dict, key: str) -> str:
+  return next(title for k, title, _ in summary["metrics"] if k == key)
+
+
+def _table(summary: dict, rows: list[dict], title_first: str = "setting") -> list[str]:
   head = [title_first, "mode", "k", "q", "σ", "λ", "w", "ε at T", "T", "n"]
-  head += [title for _, title, _ in METRICS]
+  head += [title for _, title, _ in summary["metrics"]]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     s = r["setting"]
@@ -53,37 +47,38 @@ def _table(rows: list[dict], title_first: str = "setting") -> list[str]:
               f"{s['interpolation']:g}", f"{s['guidance_scale']:g}",
               _eps(r["epsilon"]), "–" if s["num_queries"] is None else f"{s['num_queries']:,}",
               str(r["images"])]
-    values += [_cell(r, key) for key, _, _ in METRICS]
+    values += [_cell(r, key) for key, _, _ in summary["metrics"]]
     lines.append("| " + " | ".join(values) + " |")
   return lines
 
 
 def _ratio_lines(summary: dict) -> list[str]:
+  """FD against public-only retrieval, and the judge's first own metric against non-private."""
   final = {r["setting"]["mode"]: r for r in summary["final"]}
   dp, pub, non = final["private"], final["public"], final["nonprivate"]
   fd_drop = 1 - dp["fd"] / pub["fd"]
   fd_text = (f"**{100 * fd_drop:.0f}% lower**" if fd_drop >= 0 else
              f"**{-100 * fd_drop:.0f}% higher**")
-  hit_text = (f"**{100 * dp['class_hit_rate'] / non['class_hit_rate']:.0f}% of it**"
-              if non["class_hit_rate"] > 0 else "(non-private retrieval hits nothing)")
+  key = summary["metrics"][0][0]
+  title = _title(summary, key)
+  match_text = (f"**{100 * dp[key] / non[key]:.0f}% of it**" if non[key] > 0 else
+                f"(non-private retrieval scores 0)")
   return [
-      f"- Fréchet distance (classifier features): DP-RDM {dp['fd']:.2f} ± {dp['fd_se']:.2f} "
-      f"against public-only retrieval {pub['fd']:.2f} ± {pub['fd_se']:.2f}: {fd_text} (the "
-      "bar: at least 40% lower).",
-      f"- Class hit-rate: DP-RDM {dp['class_hit_rate']:.3f} ± {dp['class_hit_rate_se']:.3f} "
-      f"against non-private retrieval {non['class_hit_rate']:.3f} ± "
-      f"{non['class_hit_rate_se']:.3f}: {hit_text} (the bar: within 25%, i.e. at least 75%).",
+      f"- {_title(summary, 'fd')}: DP-RDM {_cell(dp, 'fd')} against public-only retrieval "
+      f"{_cell(pub, 'fd')}: {fd_text} (the bar: at least 40% lower).",
+      f"- {title[:1].upper() + title[1:]}: DP-RDM {_cell(dp, key)} against non-private retrieval "
+      f"{_cell(non, key)}: {match_text} (the bar: within 25%, i.e. at least 75%).",
   ]
 
 
-def _plot_curve(rows: list[dict], x_key: str, x_label: str, baselines: list[dict], path,
-                title: str) -> None:
+def _plot_curve(summary: dict, rows: list[dict], x_key: str, x_label: str,
+                baselines: list[dict], path, title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  panels = (("class_hit_rate", "class hit-rate (higher is better)"),
-            ("kid", "KID, classifier features (lower is better)"),
-            ("fd", "FD, classifier features (lower is better)"))
+  better = {k: b for k, _, b in summary["metrics"]}
+  panels = [(k, f"{_title(summary, k)} ({better[k]} is better)")
+            for k in (summary["metrics"][0][0], "kid", "fd")]
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
   finite = [r for r in rows if r["setting"]["mode"] == "private"]
   infinite = [r for r in rows if r["setting"]["mode"] == "nonprivate"]
@@ -108,6 +103,11 @@ def _plot_curve(rows: list[dict], x_key: str, x_label: str, baselines: list[dict
   fig.suptitle(textwrap.fill(title, 170), fontsize=9)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _prompt_list(prompts: list[str], shown: int = 10) -> str:
+  text = "; ".join(f"“{p}”" for p in prompts[:shown])
+  return text + (f"; and {len(prompts) - shown} more" if len(prompts) > shown else "")
 
 
 def _slug(text: str) -> str:
@@ -141,7 +141,7 @@ def _grids(summary: dict, out: pathlib.Path) -> list[tuple[str, str]]:
                  f"{target['delta']:.3g}, {target['accountant'].upper()}, {target['adjacency']}",
                  fontsize=7)
     fig.subplots_adjust(left=0.2, right=0.99, top=0.88, bottom=0.02, wspace=0.05, hspace=0.1)
-    path = out / "grids" / f"{i:02d}-{_slug(prompt)}.png"
+    path = out / "grids" / f"{i:02d}-{_slug(prompt)[:60]}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -164,21 +164,21 @@ def write(summary: dict, out) -> pathlib.Path:
   by_t_title = (f"Quality against T at ε = {t['epsilon']:g}; {assumption}; "
                 f"n = {summary['by_queries'][0]['images']} images per point; "
                 f"features: {summary['features']}")
-  _plot_curve(summary["by_epsilon"], "epsilon", "ε (log scale)", baselines,
+  _plot_curve(summary, summary["by_epsilon"], "epsilon", "ε (log scale)", baselines,
               out / "plots" / "epsilon.png", by_eps_title)
-  _plot_curve(summary["by_queries"], "num_queries", "T, queries the budget covers (log scale)",
+  _plot_curve(summary, summary["by_queries"], "num_queries", "T, queries the budget covers (log scale)",
               baselines, out / "plots" / "queries.png", by_t_title)
   grids = _grids(summary, out)
   ledger = summary["evaluation_ledger"]
   lines = [
       "# DP-RDM evaluation report",
       "",
-      f"Prompts: the {len(summary['prompts'])} class captions of the private domain "
-      f"({', '.join(summary['prompts'])}). Reference set: {summary['reference']['name']}, "
-      f"{summary['reference']['size']:,} images. Distribution metrics on the {summary['features']}"
-      " (not Inception: FD and KID here are not comparable with published FID/KID). Hit-rates "
-      "are the evaluation classifier's labels; ± is one standard error (bootstrap over the "
-      "generated samples for FD, KID and prdc; binomial for hit-rates).",
+      f"Prompts: {len(summary['prompts'])} ({_prompt_list(summary['prompts'])}). Reference set: "
+      f"{summary['reference']['name']}, {summary['reference']['size']:,} images. Distribution "
+      f"metrics on the {summary['features']} (not Inception: FD and KID here are not "
+      "comparable with published FID/KID). ± is one standard error (bootstrap over the "
+      "generated samples for FD, KID and prdc; binomial for hit-rates; of the mean for the CLIP "
+      "score).",
       "",
       f"Every ε is the accountant's for T queries of the setting: {assumption}.",
       "",
@@ -187,7 +187,7 @@ def write(summary: dict, out) -> pathlib.Path:
       f"The best private setting at ε ≤ {t['epsilon']:g} over T = {t['num_queries']:,} queries "
       f"(`{summary['best']}`) against the baselines, same prompts and sample keys:",
       "",
-      *_table(summary["final"]),
+      *_table(summary, summary["final"]),
       "",
       *_ratio_lines(summary),
       "",
@@ -195,9 +195,11 @@ def write(summary: dict, out) -> pathlib.Path:
       "",
       f"Stage 1 varies k and q (σ calibrated per setting to ε = {t['epsilon']:g} at T = "
       f"{t['num_queries']:,}); stage 2 varies λ and the guidance scale w around the best, which "
-      "leaves ε unchanged (post-processing). The best is the highest class hit-rate.",
+      "leaves ε unchanged (post-processing). The best has the "
+      f"{'highest' if summary['select'][1] == 'higher' else 'lowest'} "
+      f"{_title(summary, summary['select'][0])}.",
       "",
-      *_table(summary["grid"] + summary["post"]),
+      *_table(summary, summary["grid"] + summary["post"]),
       "",
       "## Curves",
       "",
@@ -205,7 +207,7 @@ def write(summary: dict, out) -> pathlib.Path:
       "",
       "![quality against T](plots/queries.png)",
       "",
-      *_table(summary["by_epsilon"] + summary["by_queries"]),
+      *_table(summary, summary["by_epsilon"] + summary["by_queries"]),
       "",
       "## Samples",
       "",

@@ -1,8 +1,8 @@
 """`dprdm evaluate`: the paper's comparison at a fixed budget, measured, swept and reported.
 
 The claim measured: at a target epsilon over T queries, DP retrieval beats public-only retrieval
-and approaches non-private retrieval. For the private domain's class prompts (Fashion-MNIST's ten
-captions), in order:
+and approaches non-private retrieval. For the judge's prompts (judges.py: the private domain's
+class captions, or captions of the private dataset's held-out split), in order:
 
   1. grid      private settings (k, q) at the target (epsilon, T), sigma calibrated per setting by
                the accountant (the smallest sigma meeting the target);
@@ -12,22 +12,25 @@ captions), in order:
                epsilon, with non-private retrieval (epsilon = infinity) beside them;
   4. final     the best setting against public-only, non-private and no retrieval, with more samples.
 
-"Best" is the highest class hit-rate. Every setting draws the same prompts with the same sample
-keys. Each setting's epsilon is the accountant's for T queries of its (sigma, q, k) at
-delta = 1/N; it is a property of the setting, and none of it is spent from the deployment ledger.
+"Best" is the judge's: the highest class hit-rate (offline default) or the lowest FD (real data,
+as in the paper). Every setting draws the same prompts with the same sample keys. Each setting's
+epsilon is the accountant's for T queries of its (sigma, q, k) at delta = 1/N; it is a property of
+the setting, and none of it is spent from the deployment ledger.
 
 The samples themselves are real releases from the private set, so they are charged, to an
 evaluation ledger file of their own (config.evaluate.ledger) whose composed epsilon the report
 prints: that is what running this evaluation cost the private records. That ledger composes
 with RDP (config.evaluate.ledger_accountant): a valid upper bound, and fast for the sweep's mix of
-mechanisms, where PLD recomposes every distinct mechanism at each charge (tens of seconds each). Choosing the best setting
-by its measured quality is not a private selection (the report says so), as in the paper.
+mechanisms, where PLD recomposes every distinct mechanism at each charge (tens of seconds each).
+Choosing the best setting by its measured quality is not a private selection (the report says
+so), as in the paper.
 
-Measured per setting on the evaluation classifier's penultimate features against the held-out
-half of Fashion-MNIST test (metrics.py, with bootstrap standard errors): Frechet distance, KID,
-precision / recall / density / coverage, and the class and domain hit-rates (binomial standard
-errors). A killed run resumes: each setting's images are a `dprdm generate` output directory,
-which a rerun completes instead of redrawing; the measurements are recomputed.
+Measured per setting on the judge's features against its held-out reference set (metrics.py,
+with bootstrap standard errors): Frechet distance, KID, precision / recall / density / coverage,
+and the judge's own scores (class and domain hit-rates with binomial standard errors, or the CLIP
+score with the standard error of its mean). A killed run resumes: each setting's images are a
+`dprdm generate` output directory, which a rerun completes instead of redrawing; the measurements
+are recomputed.
 """
 
 import dataclasses
@@ -43,14 +46,11 @@ import ml_collections
 import numpy as np
 
 from dprdm_jax import generate as generate_lib
-from dprdm_jax.data import offline
 from dprdm_jax.evaluate import classifier as classifier_lib
+from dprdm_jax.evaluate import judges
 from dprdm_jax.evaluate import metrics
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import ledger as ledger_lib
-
-FEATURES = "evaluation-classifier penultimate layer"
-
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -118,18 +118,16 @@ def private_setting(stage: str, k: int, q: float, epsilon: float, num_queries: i
 
 
 class Evaluation:
-  """The prompts, the generator, the classifier and the reference features of one config."""
+  """The generator and the judge (prompts, reference features, metrics) of one config."""
 
   def __init__(self, config: ml_collections.ConfigDict, out, progress: bool = True):
     self.config, self.e = config, config.evaluate
     self.out = pathlib.Path(out)
     self.progress = progress
-    self.prompts = list(offline.class_captions(config.data.private))
+    self.judge = judges.load(config)
+    self.prompts = self.judge.prompts
     self.generator = generate_lib.Generator(config)
-    self.classifier = classifier_lib.load(config.classifier.workdir)
-    images, _ = classifier_lib.splits(config.data.resolution)["test_fashion_mnist"]
-    self.reference_size = len(images)
-    self.reference = self.classifier.features(images)
+    self.reference = self.judge.reference_features
     self.reference_radius = metrics.kth_neighbour_radius(self.reference, self.e.nearest_k)
     g = config.generate
     keys = g.private_keys if config.embed.key == "caption" else g.private_values
@@ -180,12 +178,8 @@ class Evaluation:
   def measure(self, prompts: list[str], images: np.ndarray) -> dict:
     """Every metric of generated images, each with its standard error (`_se`)."""
     e = self.e
-    features = self.classifier.features(images)
-    hits = classifier_lib.hit_rates(self.classifier, prompts, images)
-    out = dict(images=len(images), class_hit_rate=hits["class_hit_rate"],
-               class_hit_rate_se=hits["class_hit_rate_se"],
-               domain_hit_rate=hits["domain_hit_rate"],
-               domain_hit_rate_se=hits["domain_hit_rate_se"])
+    features = self.judge.features(images)
+    out = dict(images=len(images), **self.judge.scores(prompts, images))
     reference, radius = self.reference, self.reference_radius
 
     def all_metrics(g):
@@ -208,10 +202,6 @@ class Evaluation:
     return dict(path=str(path), queries=sum(r.queries for r in rows),
                 epsilon_spent=max((r.epsilon_spent for r in rows), default=0.0),
                 delta=self.delta, accountant=self.e.ledger_accountant, datasets=len(rows))
-
-
-def _best(results: list[dict]) -> dict:
-  return max(results, key=lambda r: r["class_hit_rate"])
 
 
 def plan_size(e: ml_collections.ConfigDict, prompts: int) -> tuple[int, int]:
@@ -240,12 +230,12 @@ def evaluate(config: ml_collections.ConfigDict, out=None, progress: bool = True)
   grid = [ev.run(private_setting("grid", k, q, e.epsilon, e.num_queries,
                                  interpolation=p.interpolation, guidance_scale=w, **fixed), sweep)
           for k in e.neighbors for q in e.sampling_rates]
-  best = Setting(**_best(grid)["setting"])
+  best = Setting(**ev.judge.best(grid)["setting"])
   post = [ev.run(dataclasses.replace(best, stage="post", interpolation=lam), sweep)
           for lam in e.interpolations if lam != best.interpolation]
   post += [ev.run(dataclasses.replace(best, stage="post", guidance_scale=g), sweep)
            for g in e.guidance_scales if g != best.guidance_scale]
-  best_result = _best(grid + post)
+  best_result = ev.judge.best(grid + post)
   best = Setting(**best_result["setting"])
 
   def recalibrated(epsilon, num_queries):
@@ -270,9 +260,8 @@ def evaluate(config: ml_collections.ConfigDict, out=None, progress: bool = True)
   summary = dict(
       target=dict(epsilon=e.epsilon, num_queries=e.num_queries, delta=ev.delta,
                   accountant=ev.accountant, adjacency=generate_lib.ADJACENCY),
-      features=FEATURES, reference=dict(name="Fashion-MNIST test, odd positions (never "
-                                        "retrieved from, never seen by the classifier)",
-                                        size=ev.reference_size),
+      features=ev.judge.features_name, metrics=ev.judge.metrics, select=ev.judge.select,
+      reference=dict(name=ev.judge.reference_name, size=len(ev.reference)),
       private_set_size=ev.private_size, prompts=ev.prompts, best=best.name,
       grid=grid, post=post, by_epsilon=by_epsilon, by_queries=by_queries, final=final,
       evaluation_ledger=ev.ledger_status(),

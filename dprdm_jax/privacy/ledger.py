@@ -22,6 +22,18 @@ nonces collide (probability about G^2 / 2^65 over G grants of one seed). Query n
 allocated from max(next_query, the end of every recorded charge), so a file whose counter was
 rolled back alone does not reuse numbers.
 
+Integrity. Each dataset's charges form a hash chain: a charge's `chain` is the SHA-256 of the
+previous link and the charge's fields, the first link hangs off the dataset's fingerprint and
+seed, and the dataset row holds the head and the chain's length. `verify` recomputes it and checks
+everything else a file can get wrong (SQLite's integrity and foreign keys, disjoint query ranges
+below the counter, unique nonces, the composed epsilon within the budget, every cached allowance
+within the budget), so a deleted, edited or reordered charge, a truncated or spliced file, or a
+forged allowance is reported. The chain guards against accidents and careless edits, not against
+someone who can write the file: they hold the seed and can recompute it. `backup` writes a
+consistent copy through SQLite's online backup API (safe while other processes charge); a restored
+copy never reissues a key (the nonces above), but it forgets the charges made after the copy was
+taken, so restore one only if the private set has answered nothing since.
+
 Permissions: the file holds the secret seed, so it is created with mode 0600 (SQLite gives its
 -wal and -shm side files the database file's mode), and a ledger file or side file that grants
 any permission to group or others is refused on open.
@@ -42,6 +54,7 @@ with RDP, 0.3 s with PLD here), bounded by the allowance.
 """
 
 import dataclasses
+import hashlib
 import os
 import secrets
 import sqlite3
@@ -53,7 +66,7 @@ import jax
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import keys
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE datasets (
   fingerprint TEXT PRIMARY KEY,
@@ -62,7 +75,9 @@ CREATE TABLE datasets (
   accountant TEXT NOT NULL,
   seed TEXT NOT NULL,
   next_query INTEGER NOT NULL,
-  created REAL NOT NULL
+  created REAL NOT NULL,
+  chain_head TEXT NOT NULL DEFAULT '',
+  chain_length INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE charges (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,7 +88,8 @@ CREATE TABLE charges (
   count INTEGER NOT NULL,
   first_query INTEGER NOT NULL,
   time REAL NOT NULL,
-  nonce TEXT NOT NULL
+  nonce TEXT NOT NULL,
+  chain TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX charges_by_dataset ON charges (fingerprint);
 CREATE TABLE allowances (
@@ -85,6 +101,18 @@ CREATE TABLE allowances (
   PRIMARY KEY (fingerprint, noise_std, sampling_rate, num_neighbors)
 );
 """
+_CHARGE_FIELDS = ("noise_std", "sampling_rate", "num_neighbors", "count", "first_query", "time",
+                  "nonce")
+
+
+def _genesis(fingerprint: str, seed: str) -> str:
+  return hashlib.sha256(f"dprdm ledger chain|{fingerprint}|{seed}".encode()).hexdigest()
+
+
+def _link(previous: str, fingerprint: str, row) -> str:
+  """The chain link of a charge (its fields in _CHARGE_FIELDS order) after `previous`."""
+  fields = "|".join(repr(v) for v in row)
+  return hashlib.sha256(f"{previous}|{fingerprint}|{fields}".encode()).hexdigest()
 
 
 class LedgerError(Exception):
@@ -162,8 +190,11 @@ class Ledger:
             self._db.execute(statement)
           self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
           version = _SCHEMA_VERSION
-        elif version == 1:  # before per-grant nonces: its grants' keys were derived with nonce 0
+        if version == 1:  # before per-grant nonces: its grants' keys were derived with nonce 0
           self._db.execute("ALTER TABLE charges ADD COLUMN nonce TEXT NOT NULL DEFAULT '0'")
+          version = 2
+        if version == 2:  # before the hash chain: chain the charges as they stand
+          self._migrate_to_chain()
           self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
           version = _SCHEMA_VERSION
       if version != _SCHEMA_VERSION:
@@ -172,6 +203,24 @@ class Ledger:
         raise LedgerError(f"ledger {self.path} is corrupt (SQLite quick_check failed)")
     except sqlite3.DatabaseError as e:
       raise LedgerError(f"cannot read ledger {self.path}: {e}") from None
+
+  def _migrate_to_chain(self) -> None:
+    """Adds the chain columns and chains each dataset's charges in their order (schema 2 -> 3)."""
+    self._db.execute("ALTER TABLE datasets ADD COLUMN chain_head TEXT NOT NULL DEFAULT ''")
+    self._db.execute("ALTER TABLE datasets ADD COLUMN chain_length INTEGER NOT NULL DEFAULT 0")
+    self._db.execute("ALTER TABLE charges ADD COLUMN chain TEXT NOT NULL DEFAULT ''")
+    for fingerprint, seed in self._db.execute("SELECT fingerprint, seed FROM datasets").fetchall():
+      head, rows = _genesis(fingerprint, seed), self._charge_rows(fingerprint)
+      for charge_id, *row in rows:
+        head = _link(head, fingerprint, row)
+        self._db.execute("UPDATE charges SET chain = ? WHERE id = ?", (head, charge_id))
+      self._db.execute("UPDATE datasets SET chain_head = ?, chain_length = ? WHERE fingerprint = ?",
+                       (head, len(rows), fingerprint))
+
+  def _charge_rows(self, fingerprint: str) -> list[tuple]:
+    return self._db.execute(
+        f"SELECT id, {', '.join(_CHARGE_FIELDS)} FROM charges WHERE fingerprint = ? ORDER BY id",
+        (fingerprint,)).fetchall()
 
   def close(self):
     self._db.close()
@@ -198,7 +247,8 @@ class Ledger:
     with self._transaction():
       existing = self._budget(fingerprint)
       if existing is None:
-        self._db.execute("INSERT INTO datasets VALUES (?, ?, ?, ?, ?, 0, ?)",
+        self._db.execute("INSERT INTO datasets (fingerprint, epsilon_budget, delta, accountant, "
+                         "seed, next_query, created) VALUES (?, ?, ?, ?, ?, 0, ?)",
                          (fingerprint, budget.epsilon_budget, budget.delta, accountant,
                           str(secrets.randbits(64)), time.time()))
         return budget
@@ -263,21 +313,23 @@ class Ledger:
         within = accounting.history_epsilon(_plus(history, mechanism, count), budget.delta,
                                             budget.accountant) <= budget.epsilon_budget
       if within:
-        seed, first = self._db.execute(
+        seed, first, head, length = self._db.execute(
             "SELECT seed, MAX(next_query, COALESCE((SELECT MAX(first_query + count) FROM "
-            "charges WHERE fingerprint = ?1), 0)) FROM datasets WHERE fingerprint = ?1",
-            (fingerprint,)).fetchone()
+            "charges WHERE fingerprint = ?1), 0)), chain_head, chain_length FROM datasets "
+            "WHERE fingerprint = ?1", (fingerprint,)).fetchone()
         if first + count > keys.MAX_QUERIES:
           raise LedgerError(f"dataset {fingerprint} has used {first:,} query numbers; {count:,} "
                             "more would pass the key space's 2**64")
         nonce = secrets.randbits(64)
+        # As SQLite returns them, so that `verify` recomputes the same link.
+        row = (float(mechanism.noise_std), float(mechanism.sampling_rate),
+               int(mechanism.num_neighbors), int(count), int(first), time.time(), str(nonce))
+        link = _link(head if length else _genesis(fingerprint, seed), fingerprint, row)
         self._db.execute(
-            "INSERT INTO charges (fingerprint, noise_std, sampling_rate, num_neighbors, count, "
-            "first_query, time, nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (fingerprint, mechanism.noise_std, mechanism.sampling_rate, mechanism.num_neighbors,
-             count, first, time.time(), str(nonce)))
-        self._db.execute("UPDATE datasets SET next_query = ? WHERE fingerprint = ?",
-                         (first + count, fingerprint))
+            f"INSERT INTO charges (fingerprint, {', '.join(_CHARGE_FIELDS)}, chain) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (fingerprint, *row, link))
+        self._db.execute("UPDATE datasets SET next_query = ?, chain_head = ?, chain_length = ? "
+                         "WHERE fingerprint = ?", (first + count, link, length + 1, fingerprint))
     if not within:  # nothing was written; the lock is released
       raise self._refusal(budget, history, mechanism, count, allowance)
     return Grant(fingerprint, mechanism, first, count, int(seed), nonce)
@@ -324,6 +376,116 @@ class Ledger:
         "SELECT noise_std, sampling_rate, num_neighbors, first_query, count FROM charges "
         "WHERE fingerprint = ? ORDER BY id", (fingerprint,))
     return [(accounting.Mechanism(s, q, k), first, n) for s, q, k, first, n in rows]
+
+
+  def verify(self) -> list[str]:
+    """Every inconsistency of the file, as sentences; an empty list when it is sound.
+
+    Checks SQLite's integrity and foreign keys; per dataset, a valid budget, the hash chain of
+    its charges (each link, the head and the length), valid mechanisms and counts, disjoint
+    query ranges below the counter, unique nonces, the composed epsilon within the budget, and
+    every cached allowance within the budget (a forged allowance would let a single-setting
+    history overspend). Reads only; runs the accountant once per dataset and allowance.
+    """
+    problems = [f"SQLite integrity_check: {r[0]}" for r in
+                self._db.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
+    problems += [f"charge or allowance row {r[1]} of {r[0]} names no registered dataset"
+                 for r in self._db.execute("PRAGMA foreign_key_check").fetchall()]
+    datasets = self._db.execute(
+        "SELECT fingerprint, epsilon_budget, delta, accountant, seed, next_query, chain_head, "
+        "chain_length FROM datasets ORDER BY fingerprint").fetchall()
+    for fingerprint, eps, delta, accountant, seed, next_query, head, length in datasets:
+      problems += self._verify_dataset(fingerprint, eps, delta, accountant, seed, next_query,
+                                       head, length)
+    return problems
+
+  def _verify_dataset(self, fingerprint, eps, delta, accountant, seed, next_query, head,
+                      length) -> list[str]:
+    name = f"dataset {fingerprint}"
+    try:
+      budget = Budget(fingerprint, accounting.check_epsilon(eps), accounting.check_delta(delta),
+                      accounting.check_accountant(accountant))
+    except ValueError as e:
+      return [f"{name}: its budget is invalid ({e})"]
+    problems, rows = [], self._charge_rows(fingerprint)
+    link = _genesis(fingerprint, seed)
+    stored = dict(self._db.execute("SELECT id, chain FROM charges WHERE fingerprint = ?",
+                                   (fingerprint,)).fetchall())
+    for charge_id, *row in rows:
+      link = _link(link, fingerprint, row)
+      if stored[charge_id] != link:
+        problems.append(f"{name}: charge {charge_id} does not match the hash chain (edited, "
+                        "inserted or reordered)")
+        break
+    else:  # every link holds: the head and length tell whether charges are missing at the end
+      if (link if rows else "") != head or len(rows) != length:
+        problems.append(f"{name}: the chain holds {len(rows)} charges ending {link[:12]}..., "
+                        f"the dataset records {length} ending {head[:12] or 'nothing'}... "
+                        "(charges deleted, or the file restored or spliced from another)")
+    history, spans, nonces = {}, [], set()
+    for charge_id, sigma, q, k, count, first, _, nonce in rows:
+      try:
+        mechanism = accounting.Mechanism(sigma, q, k)
+        accounting.check_queries(count)
+      except ValueError as e:
+        problems.append(f"{name}: charge {charge_id} is invalid ({e})")
+        continue
+      history[mechanism] = history.get(mechanism, 0) + count
+      spans.append((first, first + count, charge_id))
+      if nonce in nonces:
+        problems.append(f"{name}: charge {charge_id} repeats another grant's nonce")
+      nonces.add(nonce)
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+      if start < end:
+        problems.append(f"{name}: charges {a} and {b} hold overlapping query numbers")
+    if spans and (spans[0][0] < 0 or spans[-1][1] > next_query):
+      problems.append(f"{name}: query numbers run to {spans[-1][1]:,} but the counter is at "
+                      f"{next_query:,} (rolled back)")
+    spent = self._spent(budget, history)
+    if spent > budget.epsilon_budget:
+      problems.append(f"{name}: the charges compose to epsilon {spent:.6g}, over its budget "
+                      f"{budget.epsilon_budget:g}")
+    for sigma, q, k, allowed in self._db.execute(
+        "SELECT noise_std, sampling_rate, num_neighbors, max_queries FROM allowances WHERE "
+        "fingerprint = ?", (fingerprint,)).fetchall():
+      try:
+        allowance_eps = accounting.history_epsilon({accounting.Mechanism(sigma, q, k): allowed},
+                                                   budget.delta, budget.accountant)
+      except ValueError as e:
+        problems.append(f"{name}: the allowance of sigma={sigma:g}, q={q:g}, k={k} is invalid "
+                        f"({e})")
+        continue
+      if allowance_eps > budget.epsilon_budget:
+        problems.append(f"{name}: the cached allowance of {allowed:,} queries with sigma="
+                        f"{sigma:g}, q={q:g}, k={k} spends epsilon {allowance_eps:.4g}, over the "
+                        f"budget (forged or stale)")
+    return problems
+
+  def backup(self, destination) -> str:
+    """Writes a consistent copy of the ledger to `destination` (SQLite's online backup API, safe
+    while other processes charge), mode 0600, refusing a path that exists; returns the path.
+
+    A restored copy never reissues a key (every grant draws a fresh nonce), but it has not seen
+    the charges made after the copy: restore one only if the private set answered nothing since.
+    """
+    destination = os.fspath(destination)
+    try:
+      os.close(os.open(destination, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+      raise LedgerError(f"{destination} exists; a backup never overwrites a file") from None
+    except OSError as e:
+      raise LedgerError(f"cannot create the backup {destination}: {e}") from None
+    try:
+      target = sqlite3.connect(destination)
+      try:
+        self._db.backup(target)
+      finally:
+        target.close()
+    except sqlite3.Error as e:
+      os.unlink(destination)
+      raise LedgerError(f"backup to {destination} failed: {e}") from None
+    return destination
 
 
 def _check_private(path: str) -> None:

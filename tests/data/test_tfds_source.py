@@ -32,6 +32,7 @@ CIFAR10_PROMPTS = {
     "ship": "a ship, high quality photograph",
     "truck": "a truck, high quality photograph",
 }
+IMAGENET_IDS = ["n01440764", "n01443537", "n15075141"]  # the first two and the last of 1,000
 MOCKED = 12  # records the mock serves per split
 
 
@@ -42,6 +43,12 @@ def features(name):
         "id": tfds.features.Text(),
         "image": tfds.features.Image(shape=(32, 32, 3)),
         "label": tfds.features.ClassLabel(names=list(CIFAR10_PROMPTS)),
+    })
+  if name == "imagenet2012":
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(names=IMAGENET_IDS),
+        "file_name": tfds.features.Text(),
     })
   return tfds.features.FeaturesDict({
       "image": tfds.features.Image(encoding_format="jpeg"),
@@ -101,6 +108,10 @@ def coco_example(image, captions):
           "objects": {"id": [], "area": [], "bbox": np.zeros((0, 4), np.float32), "label": [],
                       "is_crowd": []},
           "captions": {"text": captions, "id": list(range(len(captions)))}}
+
+
+def imagenet_example(image, label):
+  return {"image": encoded(image, "JPEG"), "label": label, "file_name": "x.JPEG"}
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +187,7 @@ def test_bad_positions_are_refused(mocked, positions):
 
 
 def test_unsupported_name_is_refused():
-  with pytest.raises(source.SourceError, match="unsupported.*mnist.*cifar10, coco_captions"):
+  with pytest.raises(source.SourceError, match="unsupported.*mnist.*cifar10, coco_captions, imagenet2012"):
     tfds_source.TfdsSource("mnist", "train", 32)
 
 
@@ -231,3 +242,20 @@ def test_real_coco_records_are_centre_cropped_and_resized(tmp_path):
   assert np.abs(green - (0, 200, 0)).max() <= 6  # JPEG error only, no black from the sides
   assert np.abs(records["image"][1].astype(int) - 90).max() <= 3
   assert "tensorflow" not in sys.modules
+
+
+def test_real_imagenet_records_are_captioned_by_wordnet_id(tmp_path):
+  prepare(tmp_path, "imagenet2012", {
+      "validation": [imagenet_example(np.full((40, 50, 3), 120, np.uint8), 2),
+                     imagenet_example(np.full((50, 40, 3), 30, np.uint8), 0)],
+      "test": [imagenet_example(np.full((8, 8, 3), 9, np.uint8), -1)]})
+  data = tfds_source.TfdsSource("imagenet2012", "validation", 16, data_dir=str(tmp_path))
+  assert data.class_names == tuple(IMAGENET_IDS)
+  records = data.read(np.array([0, 1]))
+  check_format(records, 2, 16)
+  np.testing.assert_array_equal(records["label"], [2, 0])
+  assert list(records["caption"]) == ["n15075141", "n01440764"]
+  assert np.abs(records["image"][0].astype(int) - 120).max() <= 3
+  test = tfds_source.TfdsSource("imagenet2012", "test", 16, data_dir=str(tmp_path)).read(
+      np.array([0]))
+  assert test["label"][0] == -1 and test["caption"][0] == "unlabelled"

@@ -74,6 +74,7 @@ def test_clip_score_by_hand():
   images = [[2.0, 0.0], [3.0, 4.0], [-3.0, -4.0]]
   texts = [[5.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
   assert metrics.clip_score(images, texts) == pytest.approx(100 * 1.6 / 3)
+  np.testing.assert_allclose(metrics.clip_scores(images, texts), [100.0, 60.0, 0.0])
   with pytest.raises(ValueError, match="one prompt per image"):
     metrics.clip_score(images, texts[:2])
   with pytest.raises(ValueError, match="zero embedding"):

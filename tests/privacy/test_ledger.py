@@ -3,6 +3,7 @@ concurrent processes."""
 
 import os
 import pathlib
+import re
 import signal
 import sqlite3
 import subprocess
@@ -272,3 +273,110 @@ def test_status_never_shows_the_seed_or_a_nonce(tmp_path):
     seed = ledger._db.execute("SELECT seed FROM datasets").fetchone()[0]  # pylint: disable=protected-access
     shown = repr(ledger.status()) + repr(grant) + repr(ledger.charges("fp"))
   assert seed not in shown and str(grant._nonce) not in shown  # pylint: disable=protected-access
+
+
+def _sound_ledger(path):
+  """A ledger with two datasets and a mixed history, its log checkpointed into the file."""
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    ledger.register("other", 5.0, 1e-6, "rdp")
+    for m, n in ((MECHANISM, 3), (accounting.Mechanism(0.7, 0.02, 8), 2), (MECHANISM, 4)):
+      ledger.charge("fp", m, n)
+    ledger.charge("other", MECHANISM, 5)
+    assert ledger.verify() == []
+    ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # pylint: disable=protected-access
+
+
+TAMPERING = {  # what an operator or an attacker does to the file -> what verify must say
+    "a middle charge deleted": ("DELETE FROM charges WHERE id = 2", "does not match the hash"),
+    "the last charge deleted": ("DELETE FROM charges WHERE id = 3", "the chain holds 2 charges"),
+    "a count lowered": ("UPDATE charges SET count = 1 WHERE id = 1", "does not match the hash"),
+    "the counter rolled back": ("UPDATE datasets SET next_query = 2 WHERE fingerprint = 'fp'",
+                                "rolled back"),
+    "an allowance forged": ("UPDATE allowances SET max_queries = 10000000", "forged or stale"),
+    "a nonce reused": ("UPDATE charges SET nonce = (SELECT nonce FROM charges WHERE id = 1) "
+                       "WHERE id = 3", "repeats another grant's nonce"),
+    "ranges overlapped": ("UPDATE charges SET first_query = 0 WHERE id = 2",
+                          "overlapping query numbers"),
+    "the budget lowered": ("UPDATE datasets SET epsilon_budget = 0.001 WHERE fingerprint = 'fp'",
+                           "over its budget"),
+    "a charge for no dataset": ("INSERT INTO charges (fingerprint, noise_std, sampling_rate, "
+                                "num_neighbors, count, first_query, time, nonce) VALUES "
+                                "('ghost', 0.5, 0.01, 8, 1, 0, 0, '1')",
+                                "names no registered dataset"),
+    "a dataset's charges spliced onto another": (
+        "UPDATE charges SET fingerprint = 'fp' WHERE fingerprint = 'other'",
+        "does not match the hash|the chain holds"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERING))
+def test_verify_reports_each_tampering(tmp_path, name):
+  statement, message = TAMPERING[name]
+  path = tmp_path / "l.db"
+  _sound_ledger(path)
+  db = sqlite3.connect(path)  # foreign keys are off by default, as in the sqlite3 shell
+  db.execute(statement)
+  db.commit()
+  db.close()
+  with ledger_lib.Ledger(path) as ledger:
+    problems = ledger.verify()
+  assert any(re.search(message, p) for p in problems), problems
+
+
+def test_verify_reports_a_truncated_file(tmp_path):
+  path = tmp_path / "l.db"
+  _sound_ledger(path)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ledger_lib.LedgerError, match="corrupt|cannot read|malformed"):
+    with ledger_lib.Ledger(path) as ledger:
+      assert ledger.verify()
+
+
+def test_a_schema_2_ledger_is_migrated_and_chained(tmp_path):
+  path = tmp_path / "l.db"
+  _sound_ledger(path)
+  with ledger_lib.Ledger(path) as ledger:
+    before = ledger.charges("fp")
+  db = sqlite3.connect(path)  # back to schema 2: no chain columns
+  for table, column in (("datasets", "chain_head"), ("datasets", "chain_length"),
+                        ("charges", "chain")):
+    db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+  db.execute("PRAGMA user_version=2")
+  db.commit()
+  db.close()
+  with ledger_lib.Ledger(path) as ledger:
+    assert ledger._db.execute("PRAGMA user_version").fetchone()[0] == 3  # pylint: disable=protected-access
+    assert ledger.charges("fp") == before and ledger.verify() == []
+    ledger.charge("fp", MECHANISM, 1)  # the chain goes on from the migrated head
+    assert ledger.verify() == []
+
+
+def test_backup_is_consistent_private_exclusive_and_never_reissues_keys(tmp_path):
+  path, copy = tmp_path / "l.db", tmp_path / "backup.db"
+  _sound_ledger(path)
+  with ledger_lib.Ledger(path) as ledger:
+    ledger.charge("fp", MECHANISM, 2)  # in the log, not yet in the main file
+    assert ledger.backup(copy) == str(copy)
+    assert os.stat(copy).st_mode & 0o777 == 0o600
+    with pytest.raises(ledger_lib.LedgerError, match="never overwrites"):
+      ledger.backup(copy)
+    after = ledger.charge("fp", MECHANISM, 2)  # the original answers more after the backup
+    status = ledger.status()
+  with ledger_lib.Ledger(copy) as restored:
+    assert restored.verify() == []
+    assert [s.queries for s in restored.status()] == [s.queries - (2 if s.budget.fingerprint ==
+                                                                   "fp" else 0) for s in status]
+    again = restored.charge("fp", MECHANISM, 2)  # the same query numbers as `after` ...
+  assert again.first_query == after.first_query
+  rows = _all_keys([after, again])
+  assert len(np.unique(rows, axis=0)) == len(rows)  # ... and fresh keys
+
+
+def test_a_backup_into_a_missing_directory_is_refused(tmp_path):
+  path = tmp_path / "l.db"
+  _sound_ledger(path)
+  with ledger_lib.Ledger(path) as ledger:
+    with pytest.raises(ledger_lib.LedgerError, match="cannot create the backup"):
+      ledger.backup(tmp_path / "no" / "such" / "dir.db")
