@@ -108,6 +108,13 @@ def test_budget_verify_and_backup(capsys, tmp_path):
   assert "failed verification, 1 problem(s)" in err and "does not match the hash chain" in err
 
 
+def test_audit_refuses_bad_input(capsys):
+  for flags, message in ((["--trials", "5"], "at least 100"), (["--delta", "0"], "delta"),
+                         (["--significance", "0.7"], "significance")):
+    status, _, err = dprdm(capsys, "audit", *flags)
+    assert status == 2 and message in err and err.count("\n") == 1
+
+
 BAD = [
     (["--neighbors", "0"], "num_neighbors (k) must be an integer >= 1"),
     (["--neighbors", "-3"], "num_neighbors (k) must be an integer >= 1"),
