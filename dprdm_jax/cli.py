@@ -607,6 +607,8 @@ def _generate(fv, config):
     raise UsageError(f"--repeat must be >= 1, got {fv.repeat}")
   prompts = [fv.prompt] if fv.prompt is not None else generate.read_prompts(fv.prompts)
   prompts = [p for p in prompts for _ in range(fv.repeat)]
+  # Empty or blank prompts are refused before any model loads; lengths wait for the tokenizer.
+  generate.check_prompts(prompts, lambda ps: [0] * len(ps), 1)
   out = fv.out or str(pathlib.Path(config.generate.out) / fv.mode)
   result = generate.generate(config, prompts, out, fv.mode, fv.ledger,
                              allow_nonprivate=fv["allow-nonprivate"].value)

@@ -30,6 +30,10 @@ ACCOUNTANTS = ("rdp", "pld")
 NEIGHBORING_RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 # The PLD grid step in privacy-loss units; finer is tighter and slower (0.3 s for T = 1e5 here).
 PLD_DISCRETIZATION = 1e-4
+# Noise multipliers the accountants are asked about (Mechanism.event), and the most queries PLD
+# composes: its grid grows with T (10**8 queries take about 30 s, 10**9 exhaust the memory).
+Z_MIN, Z_MAX = 1e-6, 1e6
+PLD_MAX_QUERIES = 10**8
 
 
 def _check_finite(name: str, value: float) -> float:
@@ -109,9 +113,16 @@ class Mechanism:
     return self.noise_std / self.sensitivity
 
   def event(self) -> dp_accounting.DpEvent:
-    """The DpEvent of one query."""
-    return dp_accounting.PoissonSampledDpEvent(
-        self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier))
+    """The DpEvent of one query.
+
+    A noise multiplier outside [Z_MIN, Z_MAX] is accounted as 0 (below: epsilon = infinity) or
+    Z_MAX (above): epsilon only falls as z grows, so both are upper bounds, and the accountants
+    divide by zero or overflow beyond them (sigma = 1e-300 or 1e300).
+    """
+    z = self.noise_multiplier
+    z = 0.0 if z < Z_MIN else min(z, Z_MAX)
+    return dp_accounting.PoissonSampledDpEvent(self.sampling_rate,
+                                               dp_accounting.GaussianDpEvent(z))
 
 
 History = Union[Mapping[Mechanism, int], Iterable[tuple[Mechanism, int]]]
@@ -140,9 +151,33 @@ def make_accountant(accountant: Accountant) -> dp_accounting.PrivacyAccountant:
   return pld.PLDAccountant(NEIGHBORING_RELATION, value_discretization_interval=PLD_DISCRETIZATION)
 
 
+def _queries(event: dp_accounting.DpEvent) -> int:
+  """The number of queries a (composed, self-composed) event of this module stands for."""
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return sum(_queries(e) for e in event.events)
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return event.count * _queries(event.event)
+  return 1
+
+
 def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: Accountant) -> float:
-  """Epsilon of `event` at `delta` (an upper bound; `inf` when sigma = 0)."""
-  return float(make_accountant(accountant).compose(event).get_epsilon(check_delta(delta)))
+  """Epsilon of `event` at `delta` (an upper bound; `inf` when sigma = 0).
+
+  ValueError, naming the other accountant, where this one cannot compute it: PLD beyond
+  PLD_MAX_QUERIES queries, or any history whose privacy loss the accountant cannot represent
+  (its memory or floating-point range runs out).
+  """
+  delta = check_delta(delta)
+  check_accountant(accountant)
+  if accountant == "pld" and _queries(event) > PLD_MAX_QUERIES:
+    raise ValueError(f"the PLD accountant composes at most {PLD_MAX_QUERIES:,} queries here, "
+                     f"this history has {_queries(event):,}; use the RDP accountant")
+  try:
+    return float(make_accountant(accountant).compose(event).get_epsilon(delta))
+  except (MemoryError, OverflowError, ZeroDivisionError, ValueError) as e:
+    other = "RDP" if accountant == "pld" else "PLD"
+    raise ValueError(f"the {accountant.upper()} accountant cannot compute this epsilon "
+                     f"({type(e).__name__}: {e}); try the {other} accountant") from None
 
 
 def history_epsilon(history: History, delta: float, accountant: Accountant) -> float:

@@ -231,8 +231,8 @@ class Ledger:
   def __exit__(self, *exc):
     self.close()
 
-  def _transaction(self):
-    return _Transaction(self._db)
+  def _transaction(self, write: bool = True):
+    return _Transaction(self._db, self.path, write)
 
   def register(self, fingerprint: str, epsilon_budget: float, delta: float,
                accountant: accounting.Accountant = "pld") -> Budget:
@@ -284,7 +284,9 @@ class Ledger:
       return row[0]
     allowed = accounting.max_queries(mechanism, budget.epsilon_budget, budget.delta,
                                      budget.accountant)
-    self._db.execute("INSERT OR IGNORE INTO allowances VALUES (?, ?, ?, ?, ?)", key + (allowed,))
+    with self._transaction():
+      self._db.execute("INSERT OR IGNORE INTO allowances VALUES (?, ?, ?, ?, ?)",
+                       key + (allowed,))
     return allowed
 
   def charge(self, fingerprint: str, mechanism: accounting.Mechanism, count: int = 1) -> Grant:
@@ -364,7 +366,7 @@ class Ledger:
   def status(self, fingerprint: Optional[str] = None) -> list[Status]:
     """Spent and remaining epsilon of every dataset in the ledger, or of the one named (a list of
     one; LedgerError if it is not registered). Each dataset's epsilon is composed afresh."""
-    with self._transaction():
+    with self._transaction(write=False):
       fingerprints = ([fingerprint] if fingerprint is not None else
                       [r[0] for r in self._db.execute("SELECT fingerprint FROM datasets ORDER BY 1")])
       found = [(self.budget(f), self._history(f)) for f in fingerprints]
@@ -507,13 +509,39 @@ def _plus(history: dict, mechanism: accounting.Mechanism, count: int) -> dict:
 
 
 class _Transaction:
-  """BEGIN IMMEDIATE ... COMMIT (fsynced in WAL + synchronous=FULL), ROLLBACK on any exception."""
+  """BEGIN IMMEDIATE ... COMMIT (fsynced in WAL + synchronous=FULL), ROLLBACK on any exception.
 
-  def __init__(self, db: sqlite3.Connection):
-    self._db = db
+  A database error (a read-only file, a full disk, a lock held past the timeout, an I/O error)
+  becomes a LedgerError after the rollback: the transaction wrote nothing, so a charge that meets
+  one has returned no grant and released nothing.
+  """
+
+  def __init__(self, db: sqlite3.Connection, path: str = "the ledger", write: bool = True):
+    self._db, self._path, self._write = db, path, write
+
+  def _error(self, e: sqlite3.Error) -> LedgerError:
+    if not self._write:
+      return LedgerError(f"cannot read the ledger {self._path} ({e})")
+    return LedgerError(f"cannot write the ledger {self._path} ({e}); nothing was charged or "
+                       "released")
 
   def __enter__(self):
-    self._db.execute("BEGIN IMMEDIATE")
+    try:
+      self._db.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+    except sqlite3.Error as e:
+      raise self._error(e) from None
 
   def __exit__(self, exc_type, exc, tb):
-    self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+    if exc_type is None:
+      try:
+        self._db.execute("COMMIT")
+        return False
+      except sqlite3.Error as e:
+        exc_type, exc = type(e), e
+    try:
+      self._db.execute("ROLLBACK")
+    except sqlite3.Error:
+      pass  # SQLite has rolled back already (e.g. after SQLITE_FULL)
+    if issubclass(exc_type, sqlite3.Error):
+      raise self._error(exc) from None
+    return False

@@ -4,17 +4,16 @@ For each query: score every record of the table with a matmul, set the score of 
 outside the query's Poisson subsample to -inf, and take the top k. A slot whose best score is -inf
 holds no record (the subsample had fewer than k records) and comes back invalid.
 
-Formal guarantee (rule R1), for `private_knn` and `sharded_private_knn` with approximate=False: the
+Formal guarantee (rule R1), for `private_knn` and `sharded_private_knn`: the
 returned neighbours, ids and validity are a function of the query, the subsample key, and the
 records inside the subsample alone. Records outside it are masked before any comparison, so
 changing, adding or deleting them changes nothing; adding one record changes at most one slot.
 Score ties go to the lower record id (the table is in id order, and `jax.lax.top_k` prefers the
 lower index), in both the single-device and the sharded path.
 
-approximate=True uses `jax.lax.approx_max_k` on the same masked scores (fast on TPU; exact on CPU
-and GPU). It never returns a non-sampled record, but which sampled records it misses depends on
-their positions in the table, and an unsampled record added before them shifts those positions;
-so only the exact mode carries R1 in full.
+There is no approximate mode: `jax.lax.approx_max_k` (fast on TPU) never returns a non-sampled
+record, but which sampled records it misses depends on their positions in the table, and an
+unsampled record added before them shifts those positions, so it would break R1.
 """
 
 import functools
@@ -28,8 +27,6 @@ import numpy as np
 
 from dprdm_jax.retrieval import store as store_lib
 from dprdm_jax.retrieval import subsample
-
-APPROX_RECALL_TARGET = 0.99
 
 
 class Neighbors(NamedTuple):
@@ -98,7 +95,7 @@ def _pad_to_k(scores, k):
                                        constant_values=-jnp.inf)
 
 
-def _masked_top_k(table: DeviceTable, queries, subsample_keys, sampling_rate, k, approximate):
+def _masked_top_k(table: DeviceTable, queries, subsample_keys, sampling_rate, k):
   """Scores every row, masks the non-sampled ones to -inf, takes the top k: (scores, positions).
 
   Scoring every row does 1/q times the arithmetic of scoring the sampled ones, but gathering each
@@ -114,8 +111,6 @@ def _masked_top_k(table: DeviceTable, queries, subsample_keys, sampling_rate, k,
   keep = jnp.asarray(subsample.limit(sampling_rate))
   member = subsample.membership(subsample_keys, table.ids, keep) & table.present
   masked = _pad_to_k(jnp.where(member, scores, -jnp.inf), k)
-  if approximate:
-    return jax.lax.approx_max_k(masked, k, recall_target=APPROX_RECALL_TARGET)
   return jax.lax.top_k(masked, k)
 
 
@@ -128,9 +123,9 @@ def _gather(table: DeviceTable, scores, positions):
   return Neighbors(embeddings, jnp.where(valid, table.ids[safe], 0), valid, scores)
 
 
-@functools.partial(jax.jit, static_argnames=("sampling_rate", "k", "approximate"))
+@functools.partial(jax.jit, static_argnames=("sampling_rate", "k"))
 def private_knn(table: DeviceTable, queries: jax.Array, subsample_keys: jax.Array,
-                sampling_rate: float, k: int, approximate: bool = False) -> Neighbors:
+                sampling_rate: float, k: int) -> Neighbors:
   """The top-k of each query's Poisson subsample of `table` (one device, or jit's own sharding).
 
   Args:
@@ -139,16 +134,14 @@ def private_knn(table: DeviceTable, queries: jax.Array, subsample_keys: jax.Arra
     subsample_keys: (B,) keys from `keys.query_keys(..., Stream.SUBSAMPLE)`.
     sampling_rate: q, the Poisson rate (static: one compilation per rate).
     k: neighbours per query.
-    approximate: `jax.lax.approx_max_k` instead of `jax.lax.top_k` (see the module docstring).
 
   Guarantee: R1 as in the module docstring.
   """
-  scores, positions = _masked_top_k(table, queries, subsample_keys, sampling_rate, k, approximate)
+  scores, positions = _masked_top_k(table, queries, subsample_keys, sampling_rate, k)
   return _gather(table, scores, positions)
 
 
-def sharded_private_knn(mesh: jax.sharding.Mesh, axis: str, sampling_rate: float, k: int,
-                        approximate: bool = False):
+def sharded_private_knn(mesh: jax.sharding.Mesh, axis: str, sampling_rate: float, k: int):
   """`private_knn` over a table sharded by rows on `axis`: a jitted fn(table, queries, keys).
 
   Each device scores its shard, masks it and keeps its local top k (with their rows); the k best of
@@ -161,7 +154,7 @@ def sharded_private_knn(mesh: jax.sharding.Mesh, axis: str, sampling_rate: float
 
   def local(embeddings, ids, present, values, queries, subsample_keys):
     table = DeviceTable(embeddings, ids, present, values)
-    scores, positions = _masked_top_k(table, queries, subsample_keys, sampling_rate, k, approximate)
+    scores, positions = _masked_top_k(table, queries, subsample_keys, sampling_rate, k)
     found = _gather(table, scores, positions)
     gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), found)
     best_scores, best = jax.lax.top_k(gathered.scores, k)

@@ -43,7 +43,11 @@ def _shard_name(kind: str, index: int, suffix: str) -> str:
 
 
 def normalise_rows(embeddings: np.ndarray) -> np.ndarray:
-  """Float32 rows scaled to unit L2 norm; StoreError for zero, non-finite or non-2-D input."""
+  """Float32 rows scaled to unit L2 norm; StoreError for zero, non-finite, non-real or non-2-D
+  input."""
+  kind = np.asarray(embeddings).dtype.kind
+  if kind not in "fiu" and np.asarray(embeddings).dtype.name != "bfloat16":
+    raise StoreError(f"embeddings must be real numbers, got dtype {np.asarray(embeddings).dtype}")
   x = np.asarray(embeddings, np.float32)
   if x.ndim != 2 or x.shape[1] == 0:
     raise StoreError(f"embeddings must be a 2-D (N, d) array with d >= 1, got shape {x.shape}")

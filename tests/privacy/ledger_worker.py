@@ -6,6 +6,9 @@
       charges batches of BATCH queries and, after each charge, releases the batch's results one by
       one: a line "query_number value" appended to OUT and fsynced. Stops when the budget refuses a
       charge, then tries three more charges and writes "refused: <error>" for each refusal.
+  python -m tests.privacy.ledger_worker release_n LEDGER FINGERPRINT OUT N
+      charges and releases single queries until OUT holds N released lines (resuming a killed
+      run's file): each line is the query number and the two words of its noise key, fsynced.
 """
 
 import os
@@ -51,5 +54,17 @@ def release(path, fingerprint, out, batch):
         f.write(f"refused: {e}\n")
 
 
+def release_n(path, fingerprint, out, n):
+  import jax  # pylint: disable=g-import-not-at-top
+  done = len(open(out).read().splitlines()) if os.path.exists(out) else 0
+  with ledger_lib.Ledger(path) as ledger, open(out, "a") as f:
+    for _ in range(int(n) - done):
+      grant = ledger.charge(fingerprint, MECHANISM, 1)
+      words = np.asarray(jax.random.key_data(grant.keys(keys.Stream.NOISE)))[0]
+      f.write(f"{grant.first_query} {words[0]} {words[1]}\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
 if __name__ == "__main__":
-  {"charge": charge, "release": release}[sys.argv[1]](*sys.argv[2:])
+  {"charge": charge, "release": release, "release_n": release_n}[sys.argv[1]](*sys.argv[2:])

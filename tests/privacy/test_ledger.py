@@ -380,3 +380,64 @@ def test_a_backup_into_a_missing_directory_is_refused(tmp_path):
   with ledger_lib.Ledger(path) as ledger:
     with pytest.raises(ledger_lib.LedgerError, match="cannot create the backup"):
       ledger.backup(tmp_path / "no" / "such" / "dir.db")
+
+
+def test_a_full_disk_refuses_the_charge_and_loses_nothing(tmp_path):
+  path = tmp_path / "l.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    ledger.charge("fp", MECHANISM, 1)  # the allowance is cached: the next charge only appends
+    pages = ledger._db.execute("PRAGMA page_count").fetchone()[0]  # pylint: disable=protected-access
+    ledger._db.execute(f"PRAGMA max_page_count={pages}")  # pylint: disable=protected-access
+    for _ in range(200):  # appending charges until the "disk" (the page limit) is full
+      try:
+        ledger.charge("fp", MECHANISM, 1)
+      except ledger_lib.LedgerError as e:
+        assert "cannot write the ledger" in str(e) and "nothing was charged" in str(e)
+        break
+    else:
+      pytest.fail("the page limit never filled")
+    charged = ledger.status()[0].queries
+    assert ledger.verify() == []
+  with ledger_lib.Ledger(path) as ledger:  # every charge that returned a grant is there
+    assert ledger.status()[0].queries == charged and ledger.verify() == []
+    ledger.charge("fp", MECHANISM, 1)  # and charging goes on once there is room
+
+
+def test_a_read_only_ledger_refuses_to_charge_but_reports(tmp_path):
+  # SQLite's query_only makes the connection read-only whoever runs the test (chmod 0400 does
+  # not stop root, and CI runs as root); it fails writes with SQLITE_READONLY, as a read-only
+  # file or mount does.
+  path = tmp_path / "l.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    ledger.charge("fp", MECHANISM, 2)
+    ledger._db.execute("PRAGMA query_only=1")  # pylint: disable=protected-access
+    with pytest.raises(ledger_lib.LedgerError, match="cannot write the ledger.*readonly.*nothing "
+                       "was charged"):
+      ledger.charge("fp", MECHANISM, 1)
+    assert ledger.status()[0].queries == 2  # reading still works
+  with ledger_lib.Ledger(path) as ledger:
+    assert ledger.status()[0].queries == 2 and ledger.verify() == []
+
+
+def test_a_clock_that_goes_back_changes_nothing(tmp_path, monkeypatch):
+  path = tmp_path / "l.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 10.0, 1e-5, "rdp")
+    first = ledger.charge("fp", MECHANISM, 2)
+    monkeypatch.setattr(ledger_lib.time, "time", lambda: 0.0)  # 1970
+    second = ledger.charge("fp", MECHANISM, 2)
+    assert second.first_query == first.first_query + 2 and ledger.verify() == []
+    assert len(np.unique(_all_keys([first, second]), axis=0)) == 8
+
+
+@pytest.mark.slow
+def test_many_processes_and_random_sigkills_lose_and_reissue_nothing(tmp_path):
+  from tests.privacy import ledger_load  # pylint: disable=g-import-not-at-top
+  r = ledger_load.run(tmp_path, processes=8, queries=60, kills=8)
+  assert r["released"] == 8 * 60 and r["kills"] == 8
+  assert r["released_uncharged"] == 0 and r["numbers_released_twice"] == 0
+  assert r["numbers_charged_twice"] == 0 and r["keys_released_twice"] == 0
+  assert r["charged_unreleased"] <= r["kills"]  # a kill between charge and release: spent, unused
+  assert r["problems"] == []

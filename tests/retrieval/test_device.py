@@ -1,5 +1,7 @@
 """Private k-NN on device: exact top-k of the subsample (R1), sharded equals unsharded."""
 
+import inspect
+
 import jax
 import numpy as np
 import pytest
@@ -13,12 +15,12 @@ from dprdm_jax.retrieval import subsample
 from tests.retrieval import reference as ref
 
 
-def run(table_rows, ids, queries, q, k, sub_keys, mesh=None, approximate=False):
+def run(table_rows, ids, queries, q, k, sub_keys, mesh=None):
   table = device.DeviceTable.from_arrays(table_rows, ids, mesh, None if mesh is None else "rows")
   if mesh is None:
-    found = device.private_knn(table, queries, sub_keys, q, k, approximate)
+    found = device.private_knn(table, queries, sub_keys, q, k)
   else:
-    found = device.sharded_private_knn(mesh, "rows", q, k, approximate)(table, queries, sub_keys)
+    found = device.sharded_private_knn(mesh, "rows", q, k)(table, queries, sub_keys)
   return jax.tree.map(np.asarray, found)
 
 
@@ -103,18 +105,10 @@ def test_sharded_equals_unsharded_on_eight_devices():
       np.testing.assert_array_equal(a, s)
 
 
-def test_approximate_mode_returns_only_sampled_records():
-  rng = np.random.default_rng(4)
-  n, d, k, q, b = 500, 16, 8, 0.3, 4
-  rows = rng.normal(size=(n, d)).astype(np.float32)
-  ids = np.arange(n)
-  queries = rng.normal(size=(b, d)).astype(np.float32)
-  keys = ref.subsample_keys(b)
-  found = run(rows, ids, queries, q, k, keys, approximate=True)
-  member = ref.members(ids, keys, q)
-  for row, found_ids in zip(member, as_int_ids(found)):
-    assert all(row[i] for i in found_ids if i >= 0)
-  np.testing.assert_array_equal(as_int_ids(found), as_int_ids(run(rows, ids, queries, q, k, keys)))
+def test_private_retrieval_has_no_approximate_mode():
+  """R1: an approximate top k depends on unsampled records' positions, so none is offered."""
+  for fn in (device.private_knn, device.sharded_private_knn):
+    assert "approximate" not in inspect.signature(fn).parameters
 
 
 def test_charged_query_runs_retrieval_and_aggregation_in_one_jit(tmp_path):
