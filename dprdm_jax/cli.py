@@ -268,13 +268,8 @@ def _budget_status(fv, config):
        "accountant": s.budget.accountant} for s in found]}
 
 
-def _define_ledger_only(fv):
-  flags.DEFINE_string("ledger", None, "path of the budget ledger file", flag_values=fv)
-  flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
-
-
 @command("budget verify", "check a ledger's integrity: hash chain, query ranges, budgets",
-         _define_ledger_only)
+         _define_status)
 def _budget_verify(fv, config):
   if not fv.ledger:
     raise UsageError("--ledger is required")
@@ -291,7 +286,7 @@ def _budget_verify(fv, config):
 
 
 def _define_backup(fv):
-  _define_ledger_only(fv)
+  _define_status(fv)
   flags.DEFINE_string("out", None, "the backup file to write (must not exist)", flag_values=fv)
 
 

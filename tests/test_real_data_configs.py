@@ -13,7 +13,6 @@ import pathlib
 
 import numpy as np
 import pytest
-import transformers
 
 from dprdm_jax import cli
 from dprdm_jax.privacy import ledger as ledger_lib
@@ -46,19 +45,6 @@ def _prepare(data_dir: pathlib.Path) -> None:
       for split, n in (("train", 24), ("test", 8))})
 
 
-def _save_tiny_clip(directory: pathlib.Path) -> None:
-  eos, vocab_size = test_clip.write_tokenizer(directory)
-  config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=48,
-                       bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos),
-      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, image_size=32, patch_size=8),
-      projection_dim=16)
-  model = transformers.FlaxCLIPModel(config, _do_init=False)
-  model.save_pretrained(directory, params=test_clip.random_params(model.params_shape_tree))
-
-
 class Runner:
   """`dprdm` jobs under one config, in a scratch working directory."""
 
@@ -81,7 +67,7 @@ def setting(tmp_path_factory):
   root = tmp_path_factory.mktemp("real_data")
   _prepare(root / "tfds")
   (root / "clip").mkdir()
-  _save_tiny_clip(root / "clip")
+  test_clip.save_tiny_clip(root / "clip", layers=1, max_positions=48)
   return root
 
 

@@ -109,8 +109,8 @@ def _clip_judge(config: ml_collections.ConfigDict, path: str) -> Judge:
   records = reference.read(np.arange(e.reference_size))
 
   def scores(prompts, images):
-    distinct = sorted(set(prompts))
-    text = encoder.encode_text(distinct)[[distinct.index(p) for p in prompts]]
+    distinct = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    text = encoder.encode_text(list(distinct))[[distinct[p] for p in prompts]]
     per_image = metrics.clip_scores(encoder.encode_images(images), text)
     return dict(clip_score=float(per_image.mean()),
                 clip_score_se=float(per_image.std(ddof=1) / np.sqrt(len(per_image))))

@@ -47,7 +47,7 @@ from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import subsample
 
 DIM = 33  # the table's dimension: the prompt's and 2k records' own directions, k <= 16
-CANARY_NORM_UNCLIPPED = 10.0  # the outlier canary: clipping must bring it back to norm 1
+CANARY_NORM = 10.0  # the outlier canary of every audit: clipping must bring it back to norm 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,23 +84,21 @@ def tables(k: int, canary_norm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np
   return rows, prompt, np.arange(len(rows), dtype=np.uint32)
 
 
-def _correct_contexts(table, queries, sub_keys, noise_keys, s: Setting, canary_norm):
-  del canary_norm
+def _correct_contexts(table, queries, sub_keys, noise_keys, s: Setting):
   found = device.private_knn(table, queries, sub_keys, s.sampling_rate, s.num_neighbors)
   return aggregate.aggregate(found.embeddings, found.valid, queries, noise_keys, s.noise_std,
                              1.0)[:, 0]
 
 
-def _unclipped(table, queries, sub_keys, noise_keys, s: Setting, canary_norm):
+def _unclipped(table, queries, sub_keys, noise_keys, s: Setting):
   found = device.private_knn(table, queries, sub_keys, s.sampling_rate, s.num_neighbors)
   mean = jnp.sum(jnp.where(found.valid[..., None], found.embeddings, 0.0), axis=1)
   noise = jax.vmap(lambda key: jax.random.normal(key, (queries.shape[1],)))(noise_keys)
   return mean / s.num_neighbors + s.noise_std * noise
 
 
-def _approximate_then_filter(table, queries, sub_keys, noise_keys, s: Setting, canary_norm):
-  """The top k of the WHOLE table, then the unsampled ones dropped (the paper's faiss IVF path)."""
-  del canary_norm
+def _approximate_then_filter(table, queries, sub_keys, noise_keys, s: Setting):
+  """The top k of the WHOLE table, then the unsampled ones dropped."""
   scores = jnp.einsum("bd,nd->bn", queries, table.embeddings)
   top, positions = jax.lax.top_k(jnp.where(table.present, scores, -jnp.inf), s.num_neighbors)
   member = subsample.candidate_membership(sub_keys, table.ids[positions],
@@ -110,9 +108,8 @@ def _approximate_then_filter(table, queries, sub_keys, noise_keys, s: Setting, c
                              s.noise_std, 1.0)[:, 0]
 
 
-def _noise_on_the_sum(table, queries, sub_keys, noise_keys, s: Setting, canary_norm):
+def _noise_on_the_sum(table, queries, sub_keys, noise_keys, s: Setting):
   """sigma added to the sum of the k neighbours, then divided by k: the mean gets sigma / k."""
-  del canary_norm
   found = device.private_knn(table, queries, sub_keys, s.sampling_rate, s.num_neighbors)
   return aggregate.aggregate(found.embeddings, found.valid, queries, noise_keys,
                              s.noise_std / s.num_neighbors, 1.0)[:, 0]
@@ -124,23 +121,18 @@ class Variant:
   contexts: Callable
   setting: Optional[Setting] = None  # where the audit of a broken variant runs it
   reuse_noise_key: bool = False  # every query of a trial gets the trial's first noise key
-  canary_norm: float = 1.0
 
 
-# The real path is audited with the outlier canary too: clipping is what brings it back to norm 1.
-CORRECT = Variant("correct (the real path)", _correct_contexts,
-                  canary_norm=CANARY_NORM_UNCLIPPED)
+CORRECT = Variant("correct (the real path)", _correct_contexts)
 # Each broken variant at a setting where its defect shows (z = k*sigma/2 = 1 throughout).
 BROKEN = (
-    Variant("no clipping (an outlier canary of norm 10)", _unclipped, Setting(0.5, 0.5, 4),
-            canary_norm=CANARY_NORM_UNCLIPPED),
+    Variant("no clipping (an outlier canary of norm 10)", _unclipped, Setting(0.5, 0.5, 4)),
     Variant("a reused noise key (one key for both queries of a trial)", _correct_contexts,
-            Setting(0.5, 0.5, 4, num_queries=2), reuse_noise_key=True,
-            canary_norm=CANARY_NORM_UNCLIPPED),
+            Setting(0.5, 0.5, 4, num_queries=2), reuse_noise_key=True),
     Variant("noise for the sum added to the mean (sigma / k on the mean)", _noise_on_the_sum,
-            Setting(0.5, 1.0, 4), canary_norm=CANARY_NORM_UNCLIPPED),
+            Setting(0.5, 1.0, 4)),
     Variant("exact search of the whole set, then filtering to the subsample",
-            _approximate_then_filter, Setting(0.5, 0.5, 4), canary_norm=CANARY_NORM_UNCLIPPED),
+            _approximate_then_filter, Setting(0.5, 0.5, 4)),
 )
 
 
@@ -169,7 +161,7 @@ def scores(contexts: np.ndarray, k: int) -> dict[str, np.ndarray]:
 def run_world(variant: Variant, s: Setting, with_canary: bool, trials: int,
               seed: Optional[int] = None) -> np.ndarray:
   """(trials, T, d) contexts released from D' (with_canary) or D, fresh keys for every query."""
-  rows, prompt, ids = tables(s.num_neighbors, variant.canary_norm)
+  rows, prompt, ids = tables(s.num_neighbors, CANARY_NORM)
   if not with_canary:
     rows, ids = rows[1:], ids[1:]
   table = device.DeviceTable.from_arrays(rows, ids)
@@ -180,7 +172,7 @@ def run_world(variant: Variant, s: Setting, with_canary: bool, trials: int,
   if variant.reuse_noise_key:
     noise_keys = jnp.repeat(noise_keys[::s.num_queries], s.num_queries)
   queries = jnp.broadcast_to(jnp.asarray(prompt), (n, DIM))
-  contexts = variant.contexts(table, queries, sub_keys, noise_keys, s, variant.canary_norm)
+  contexts = variant.contexts(table, queries, sub_keys, noise_keys, s)
   return np.asarray(contexts, np.float64).reshape(trials, s.num_queries, DIM)
 
 
@@ -222,14 +214,14 @@ def one_run(s: Setting, delta: float, canaries: int = 1000, significance: float 
   from jax_privacy import auditing  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   included = rng.random(canaries) < 0.5
-  rows = (CANARY_NORM_UNCLIPPED * np.eye(canaries, dtype=np.float32))[included]
+  rows = (CANARY_NORM * np.eye(canaries, dtype=np.float32))[included]
   ids = np.flatnonzero(included).astype(np.uint32)
   table = device.DeviceTable.from_arrays(rows, ids)
   key_seed = int(rng.integers(2**63))
   sub_keys = keys_lib.query_keys(key_seed, 0, canaries, keys_lib.Stream.SUBSAMPLE)
   noise_keys = keys_lib.query_keys(key_seed, 0, canaries, keys_lib.Stream.NOISE)
   queries = jnp.eye(canaries, dtype=jnp.float32)
-  contexts = np.asarray(_correct_contexts(table, queries, sub_keys, noise_keys, s, None))
+  contexts = np.asarray(_correct_contexts(table, queries, sub_keys, noise_keys, s))
   score = contexts[np.arange(canaries), np.arange(canaries)]  # each context on its own canary
   auditor = auditing.CanaryScoreAuditor(score[included], score[~included])
   lower = auditor.epsilon_one_run(significance, delta)

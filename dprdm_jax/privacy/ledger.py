@@ -53,6 +53,7 @@ mixed history runs the accountant on the composed history inside the transaction
 with RDP, 0.3 s with PLD here), bounded by the allowance.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -538,10 +539,8 @@ class _Transaction:
         return False
       except sqlite3.Error as e:
         exc_type, exc = type(e), e
-    try:
+    with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already (SQLITE_FULL)
       self._db.execute("ROLLBACK")
-    except sqlite3.Error:
-      pass  # SQLite has rolled back already (e.g. after SQLITE_FULL)
     if issubclass(exc_type, sqlite3.Error):
       raise self._error(exc) from None
     return False

@@ -48,21 +48,29 @@ def random_params(shapes):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-  """A tiny random CLIP: the directory it was saved to, and an encoder of the in-memory model."""
-  directory = tmp_path_factory.mktemp("tiny_clip")
+def save_tiny_clip(directory, layers: int = 2, max_positions: int = 40):
+  """Saves a tiny random CLIP (16-d projections, 32x32 images) and its tokenizer to `directory`;
+  returns (model, params)."""
   eos, vocab_size = write_tokenizer(directory)
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=40,
-                       bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos),
-      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_hidden_layers=layers, num_attention_heads=2,
+                       max_position_embeddings=max_positions, bos_token_id=eos - 1,
+                       eos_token_id=eos, pad_token_id=eos),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=2, image_size=32, patch_size=8),
       projection_dim=16)
   model = transformers.FlaxCLIPModel(config, _do_init=False)
   params = random_params(model.params_shape_tree)
   model.save_pretrained(directory, params=params)
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """A tiny random CLIP: the directory it was saved to, and an encoder of the in-memory model."""
+  directory = tmp_path_factory.mktemp("tiny_clip")
+  model, params = save_tiny_clip(directory)
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
   return directory, clip.ClipEncoder(model, params, tokenizer)
 

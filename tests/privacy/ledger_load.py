@@ -22,9 +22,9 @@ from dprdm_jax.privacy import ledger as ledger_lib
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _spawn(path, out):
+def _spawn(path, out, queries):
   return subprocess.Popen([sys.executable, "-m", "tests.privacy.ledger_worker", "release_n",
-                           str(path), "fp", str(out), str(_spawn.queries)], cwd=ROOT,
+                           str(path), "fp", str(out), str(queries)], cwd=ROOT,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -35,8 +35,7 @@ def run(directory, processes: int, queries: int, kills: int, seed: int = 0) -> d
   with ledger_lib.Ledger(path, create=True) as ledger:
     ledger.register("fp", 1000.0, 1e-5, "rdp")
   outs = [directory / f"released-{i}.txt" for i in range(processes)]
-  _spawn.queries = queries
-  procs = [_spawn(path, out) for out in outs]
+  procs = [_spawn(path, out, queries) for out in outs]
   rng = np.random.default_rng(seed)
   done_kills, start = 0, time.monotonic()
   lines = lambda out: len(out.read_text().splitlines()) if out.exists() else 0
@@ -50,7 +49,7 @@ def run(directory, processes: int, queries: int, kills: int, seed: int = 0) -> d
       if not unfinished:
         break
       for i in unfinished:
-        procs[i] = _spawn(path, outs[i])
+        procs[i] = _spawn(path, outs[i], queries)
       continue
     if done_kills < kills:
       # Spread the kills over the run: wait for a share of the total progress first.
@@ -61,7 +60,7 @@ def run(directory, processes: int, queries: int, kills: int, seed: int = 0) -> d
         procs[victim].send_signal(signal.SIGKILL)
         procs[victim].wait()
         done_kills += 1
-        procs[victim] = _spawn(path, outs[victim])
+        procs[victim] = _spawn(path, outs[victim], queries)
     time.sleep(0.002)
   seconds = time.monotonic() - start
   released = [tuple(map(int, line.split())) for out in outs for line in out.read_text().splitlines()]
