@@ -200,8 +200,8 @@ def audit(variant: Variant, s: Setting, delta: float, trials: int = 20_000,
   proved = accounting.history_epsilon({s.mechanism: s.num_queries}, delta, "pld")
   return dict(variant=variant.name, noise_std=s.noise_std, sampling_rate=s.sampling_rate,
               num_neighbors=s.num_neighbors, num_queries=s.num_queries, delta=delta,
-              trials=trials, significance=significance, epsilon_lower=lower, score=score,
-              epsilon_proved=proved, flagged=lower > proved)
+              trials=trials, significance=significance, epsilon_lower=float(lower), score=score,
+              epsilon_proved=proved, flagged=bool(lower > proved))
 
 
 def one_run(s: Setting, delta: float, canaries: int = 1000, significance: float = 0.05,
@@ -228,8 +228,8 @@ def one_run(s: Setting, delta: float, canaries: int = 1000, significance: float 
   proved = accounting.history_epsilon({s.mechanism: 1}, delta, "pld")
   return dict(variant="correct, one run", noise_std=s.noise_std, sampling_rate=s.sampling_rate,
               num_neighbors=s.num_neighbors, num_queries=1, delta=delta, trials=canaries,
-              significance=significance, epsilon_lower=lower, score="on each canary",
-              epsilon_proved=proved, flagged=lower > proved)
+              significance=significance, epsilon_lower=float(lower), score="on each canary",
+              epsilon_proved=proved, flagged=bool(lower > proved))
 
 
 # The grid of `dprdm audit`: noise multipliers z = k*sigma/2 from 0.5 to 2, with and without

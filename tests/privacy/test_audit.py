@@ -38,3 +38,12 @@ def test_the_canary_is_the_prompts_nearest_record_and_d_is_its_neighbour():
   assert rows[0] @ w > 0.1
   with pytest.raises(ValueError, match="fits"):
     audit.tables(17)
+
+
+def test_the_cli_prints_the_audit_as_json(capsys):
+  import json  # pylint: disable=g-import-not-at-top
+  from dprdm_jax import cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["dprdm", "audit", "--trials", "200", "--canaries", "200", "--json"]) == 0
+  rows = json.loads(capsys.readouterr().out)["rows"]
+  assert len(rows) == len(audit.GRID) + len(audit.BROKEN) + 1
+  assert all(isinstance(r["flagged"], bool) for r in rows)
