@@ -13,7 +13,8 @@ retrieval, 10.9 with DP retrieval (Inception features, 256x256 latents; ours are
 Needs: CLIP saved to a local directory (README, "Real data"), e.g. models/clip-vit-base-patch16
 (the default; `--config configs/coco.py:clip=DIR` for another), and imagenet2012 and
 coco_captions prepared for tensorflow-datasets in the ArrayRecord format. The jobs, in order
-(launch/tpu.sh runs each on every worker of a pod slice):
+(launch/tpu.sh runs embed and train on every worker of a pod slice, the others on a
+single-host slice):
 
   dprdm privacy plan --config configs/coco.py                      # the budget (seconds)
   dprdm embed --config configs/coco.py --dataset imagenet2012 --split train

@@ -3,8 +3,11 @@
 Each action declares its absl flags in a fresh FlagValues, so actions never see each other's flags.
 Privacy actions and `index build` also take `--config FILE[:ARG]` with `--config.a.b=y` overrides:
 a privacy flag that is not given falls back to the config's privacy block, and the index takes the
-config's retrieval.index parameters. Bad input prints one line on stderr and exits with status 2;
-nothing prints a traceback for it.
+config's retrieval.index parameters; every job takes `--workdir`. The project's own errors
+(dprdm_jax/errors.py: bad input, missing files, a refused charge) and flag errors print one line on
+stderr and exit with status 2; any other exception is a bug and keeps its traceback. JAX, ScaNN,
+Flax and transformers are imported by the actions that use them, so `dprdm privacy ...` starts
+without them.
 """
 
 import dataclasses
@@ -16,21 +19,17 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 from absl import flags
-from absl import logging
-import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.privacy import accounting
-from dprdm_jax.privacy import ledger as ledger_lib
-from dprdm_jax.retrieval import index as index_lib
-from dprdm_jax.retrieval import store as store_lib
 
 ADJACENCY = "add-or-remove-one record"
 
 
-class UsageError(Exception):
+class UsageError(errors.Error):
   """Bad input on the command line."""
 
 
@@ -250,6 +249,7 @@ def _define_status(fv):
 @command("budget status", "spent and remaining epsilon of each dataset in a ledger",
          _define_status)
 def _budget_status(fv, config):
+  from dprdm_jax.privacy import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
   if not fv.ledger:
     raise UsageError("--ledger is required")
   with ledger_lib.Ledger(fv.ledger) as ledger:
@@ -271,6 +271,7 @@ def _budget_status(fv, config):
 @command("budget verify", "check a ledger's integrity: hash chain, query ranges, budgets",
          _define_status)
 def _budget_verify(fv, config):
+  from dprdm_jax.privacy import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
   if not fv.ledger:
     raise UsageError("--ledger is required")
   with ledger_lib.Ledger(fv.ledger) as ledger:
@@ -293,6 +294,7 @@ def _define_backup(fv):
 @command("budget backup", "a consistent copy of a ledger (SQLite's backup API), mode 0600",
          _define_backup)
 def _budget_backup(fv, config):
+  from dprdm_jax.privacy import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
   if not fv.ledger or not fv.out:
     raise UsageError("--ledger and --out are required")
   with ledger_lib.Ledger(fv.ledger) as ledger:
@@ -334,11 +336,17 @@ def _audit(fv, config):
            f"{'eps_proved':>10}  verdict"]
   for r in rows:
     correct = r["variant"].startswith("correct")
-    verdict = ("FLAGGED" if r["flagged"] else "not flagged") if not correct else (
-        "VIOLATION" if r["flagged"] else "below the proof")
+    by = [test for test, hit in (("eps_lower > eps_proved", r["above_proof"]),
+                                 ("R1 check", r["r1_violated"])) if hit]
+    verdict = (("VIOLATION" if correct else "FLAGGED") + f" by {' and '.join(by)}" if by else
+               "below the proof, R1 held" if correct else "not flagged")
+    if r["r1_violated"] is None:  # the one-run audit has no table to check R1 on
+      verdict = verdict.replace(", R1 held", "")
     lines.append(f"{r['variant']:<64} {r['noise_std']:>6.3g} {r['sampling_rate']:>4g} "
                  f"{r['num_neighbors']:>2} {r['num_queries']:>2} {r['epsilon_lower']:>9.3f} "
-                 f"{r['epsilon_proved']:>10.3f}  {verdict} ({r['score']})")
+                 f"{r['epsilon_proved']:>10.3f}  {verdict} (score: {r['score']})")
+  lines.append("R1 check: with the same keys, records outside each query's subsample made perfect "
+               "matches or deleted must leave the released context bit-identical")
   return "\n".join(lines), {"delta": delta, "trials": fv.trials, "rows": rows}
 
 
@@ -354,6 +362,14 @@ def _define_index_build(fv):
   flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
 
 
+def _load_npy(flag: str, path: str, **kwargs) -> np.ndarray:
+  """The matrix in a user's .npy file; a UsageError naming the flag when it cannot be read."""
+  try:
+    return np.load(path, allow_pickle=False, **kwargs)
+  except (OSError, ValueError) as e:
+    raise UsageError(f"--{flag} {path}: {e}") from None
+
+
 def _progress(message: str):
   print(message, file=sys.stderr, flush=True)
 
@@ -361,6 +377,8 @@ def _progress(message: str):
 @command("index build", "build a ScaNN index over an embedding store (or a .npy matrix)",
          _define_index_build, takes_config=True)
 def _index_build(fv, config):
+  from dprdm_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+  from dprdm_jax.retrieval import store as store_lib  # pylint: disable=g-import-not-at-top
   if (fv.store is None) == (fv["from-npy"].value is None):
     raise UsageError("give exactly one of --store and --from-npy")
   if not fv.out:
@@ -369,7 +387,7 @@ def _index_build(fv, config):
   if fv.store:
     store = store_lib.EmbeddingStore(fv.store)
   else:
-    matrix = np.load(fv["from-npy"].value, mmap_mode="r")
+    matrix = _load_npy("from-npy", fv["from-npy"].value, mmap_mode="r")
     _progress(f"writing a store of {matrix.shape} rows to {out / 'store'}")
     store = store_lib.EmbeddingStore.write(out / "store", matrix)
   settings = index_lib.index_config(len(store))
@@ -403,11 +421,12 @@ def _define_index_query(fv):
 @command("index query", "non-private nearest neighbours from an index, for inspection",
          _define_index_query)
 def _index_query(fv, config):
+  from dprdm_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
   if not fv.index or not fv["query-file"].value:
     raise UsageError("--index and --query-file are required")
   path = pathlib.Path(fv.index)
   index = index_lib.ScannIndex.load(path / "index" if (path / "index").is_dir() else path)
-  queries = np.load(fv["query-file"].value)
+  queries = _load_npy("query-file", fv["query-file"].value)
   ids, scores = index.search(queries, fv.k)
   lines = [f"{index.mode} search, k = {fv.k}, inner-product scores (not private: no subsample, "
            "no noise, no budget)"]
@@ -457,25 +476,56 @@ def _train_encoder(fv, config):
   return text, dict(workdir=str(workdir), **figures)
 
 
+def _define_distributed(fv):
+  flags.DEFINE_bool("distributed", False, "join a multi-process run with "
+                    "jax.distributed.initialize(); on TPU pods and SLURM the processes find each "
+                    "other, elsewhere give --coordinator, --num-processes and --process-id",
+                    flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "host:port of process 0 (implies --distributed)",
+                      flag_values=fv)
+  flags.DEFINE_integer("num-processes", None, "processes in the run", flag_values=fv)
+  flags.DEFINE_integer("process-id", None, "this process's index", flag_values=fv)
+
+
+def _join(fv):
+  """JAX, after joining the other processes when --distributed or --coordinator asks to."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if fv.coordinator or fv.distributed:
+    # CPU processes reduce across each other through gloo; the setting is ignored elsewhere.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(fv.coordinator, fv["num-processes"].value,
+                               fv["process-id"].value)
+  elif fv["num-processes"].value is not None or fv["process-id"].value is not None:
+    raise UsageError("--num-processes and --process-id need --coordinator or --distributed")
+  return jax
+
+
 def _define_embed(fv):
   flags.DEFINE_string("dataset", None, "offline dataset (mnist5k, animal_mnist, public, "
-                      "fashion_mnist) or a tfds name (cifar10, coco_captions)", flag_values=fv)
+                      "fashion_mnist), a tfds name (cifar10, coco_captions) or folder:PATH",
+                      flag_values=fv)
   flags.DEFINE_string("split", "train", "split to embed", flag_values=fv)
-  flags.DEFINE_string("out", None, "output directory (default: the config's embed.out/"
-                      "DATASET-SPLIT); a rerun resumes", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "directory of the stores (default: the config's "
+                      "embed.out); they go to WORKDIR/DATASET-SPLIT", flag_values=fv)
+  flags.DEFINE_string("out", None, "the stores' exact directory (default: WORKDIR/DATASET-SPLIT); "
+                      "a rerun resumes", flag_values=fv)
+  _define_distributed(fv)
   flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
 
 
 @command("embed", "embed a dataset split into image and caption embedding stores", _define_embed,
          takes_config=True)
 def _embed(fv, config):
-  from dprdm_jax import embed  # pylint: disable=g-import-not-at-top
   config = _need_config(config, "embed")
   if not fv.dataset:
     raise UsageError("--dataset is required")
-  out = pathlib.Path(fv.out or f"{config.embed.out}/{fv.dataset}-{fv.split}")
-  result = embed.embed(config, fv.dataset, fv.split, out, jax.process_index(),
-                       jax.process_count())
+  jax = _join(fv)
+  from dprdm_jax import embed  # pylint: disable=g-import-not-at-top
+  # folder:PATH stores go to WORKDIR/NAME-SPLIT, NAME the folder's own name.
+  name = pathlib.Path(fv.dataset.split(":", 1)[1]).name if fv.dataset.startswith(
+      "folder:") else fv.dataset
+  out = pathlib.Path(fv.out or f"{fv.workdir or config.embed.out}/{name}-{fv.split}")
+  result = embed.embed(config, fv.dataset, fv.split, out)
   text = (f"{result['dataset']}: {result['records']:,} records; embedded now "
           f"{result['embedded_now']:,} images at {result['images_per_second']:,.0f} images/s and "
           f"{result['distinct_captions']:,} distinct captions at "
@@ -491,14 +541,7 @@ def _embed(fv, config):
 def _define_train(fv):
   flags.DEFINE_string("workdir", None, "work directory (default: the config's train.workdir); a "
                       "rerun resumes from its last checkpoint", flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "join a multi-process run with "
-                    "jax.distributed.initialize(); on TPU pods and SLURM the processes find each "
-                    "other, elsewhere give --coordinator, --num-processes and --process-id",
-                    flag_values=fv)
-  flags.DEFINE_string("coordinator", None, "host:port of process 0 (implies --distributed)",
-                      flag_values=fv)
-  flags.DEFINE_integer("num-processes", None, "processes in the run", flag_values=fv)
-  flags.DEFINE_integer("process-id", None, "this process's index", flag_values=fv)
+  _define_distributed(fv)
   flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
 
 
@@ -506,11 +549,7 @@ def _define_train(fv):
          takes_config=True)
 def _train(fv, config):
   config = _need_config(config, "train")
-  if fv.coordinator or fv.distributed:
-    # CPU processes reduce across each other through gloo; the setting is ignored elsewhere.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(fv.coordinator, fv["num-processes"].value,
-                               fv["process-id"].value)
+  jax = _join(fv)
   from dprdm_jax import train  # pylint: disable=g-import-not-at-top
   workdir = fv.workdir or config.train.workdir
   result = train.train(config, workdir)
@@ -576,7 +615,9 @@ def _sample(fv, config):
 def _define_generate(fv):
   flags.DEFINE_string("prompt", None, "one prompt (or use --prompts)", flag_values=fv)
   flags.DEFINE_string("prompts", None, "a UTF-8 text file, one prompt per line", flag_values=fv)
-  flags.DEFINE_string("out", None, "output directory (default: the config's generate.out/MODE)",
+  flags.DEFINE_string("workdir", None, "directory of the outputs (default: the config's "
+                      "generate.out); they go to WORKDIR/MODE", flag_values=fv)
+  flags.DEFINE_string("out", None, "the outputs' exact directory (default: WORKDIR/MODE)",
                       flag_values=fv)
   flags.DEFINE_enum("mode", "private", ["private", "public", "nonprivate", "none"],
                     "private: DP-RDM, charged to the ledger; public: k nearest public records "
@@ -595,6 +636,7 @@ def _define_generate(fv):
          _define_generate, takes_config=True)
 def _generate(fv, config):
   config = _need_config(config, "generate")
+  import jax  # pylint: disable=g-import-not-at-top
   from dprdm_jax import generate  # pylint: disable=g-import-not-at-top
   if (fv.prompt is None) == (fv.prompts is None):
     raise UsageError("give exactly one of --prompt TEXT and --prompts FILE")
@@ -604,7 +646,7 @@ def _generate(fv, config):
   prompts = [p for p in prompts for _ in range(fv.repeat)]
   # Empty or blank prompts are refused before any model loads; lengths wait for the tokenizer.
   generate.check_prompts(prompts, lambda ps: [0] * len(ps), 1)
-  out = fv.out or str(pathlib.Path(config.generate.out) / fv.mode)
+  out = fv.out or str(pathlib.Path(fv.workdir or config.generate.out) / fv.mode)
   result = generate.generate(config, prompts, out, fv.mode, fv.ledger,
                              allow_nonprivate=fv["allow-nonprivate"].value)
   if fv.mode == "private":
@@ -678,8 +720,8 @@ def _hit_rate(fv, config):
 
 
 def _define_evaluate(fv):
-  flags.DEFINE_string("out", None, "report directory (default: the config's evaluate.out)",
-                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "report directory, which also holds the sweep's samples "
+                      "(default: the config's evaluate.out)", flag_values=fv)
   flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
 
 
@@ -688,8 +730,8 @@ def _define_evaluate(fv):
 def _evaluate(fv, config):
   config = _need_config(config, "evaluate")
   from dprdm_jax.evaluate import sweep  # pylint: disable=g-import-not-at-top
-  summary = sweep.evaluate(config, fv.out)
-  out = pathlib.Path(fv.out or config.evaluate.out)
+  summary = sweep.evaluate(config, fv.workdir)
+  out = pathlib.Path(fv.workdir or config.evaluate.out)
   final = {r["setting"]["mode"]: r for r in summary["final"]}
   lines = [f"report: {out / 'report.md'} (best private setting {summary['best']})"]
   (key, title, _), fd_title = summary["metrics"][0], dict(
@@ -720,7 +762,7 @@ def _find(argv: list[str]) -> Optional[tuple[str, ...]]:
 
 
 def main(argv: list[str]) -> int:
-  """Runs one command; returns the exit status (0 ok, 2 bad input)."""
+  """Runs one command; returns the exit status (0 ok, 2 bad input); other errors propagate."""
   words = _find(argv)
   if words is None:
     asked_help = len(argv) > 1 and argv[1] in ("-h", "--help")
@@ -737,7 +779,6 @@ def main(argv: list[str]) -> int:
   if any(a in ("-h", "--help", "-help") for a in args[1:]):
     print(f"{name}: {cmd.help}\n{fv.get_help()}")
     return 0
-  logging.set_verbosity(logging.ERROR)  # dp-accounting logs per-order convergence notes
   try:
     try:
       rest = fv(args)
@@ -753,9 +794,10 @@ def main(argv: list[str]) -> int:
     if len(rest) > 1:
       raise UsageError(f"unexpected argument {rest[1]!r}")
     text, data = cmd.execute(fv, config)
-  except (flags.Error, UsageError, ValueError, OSError, ledger_lib.LedgerError) as e:
-    # GenerateError and StoreError are ValueErrors; BudgetExceededError is a LedgerError.
-    # Config errors arrive as multi-line reports with a traceback inside; the last line says why.
+  except (flags.Error, errors.Error) as e:
+    # Only the project's own errors (UsageError, LedgerError, StoreError ... derive from
+    # errors.Error) and flag errors; anything else is a bug and shows its traceback. Config errors
+    # arrive as multi-line reports with a traceback inside; the last line says why.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     print(f"{name}: error: {lines[-1]}", file=sys.stderr)
     return 2

@@ -2,7 +2,8 @@
 
 Configs follow big_vision: `get_config(arg)` takes one string such as "tiny" or "tiny,seed=3",
 parsed by `parse_arg` into typed fields, and every field can then be overridden on the command
-line with `--config.a.b=value`.
+line with `--config.a.b=value`. A value that several parts share is set in one field and followed
+by the others (`follow`, ml_collections FieldReferences), so one override moves all of them.
 """
 
 import ast
@@ -10,6 +11,8 @@ import dataclasses
 
 import ml_collections
 from ml_collections import config_dict
+
+from dprdm_jax import errors
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -21,11 +24,11 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     name, _, text = item.partition("=")
     if name not in defaults:
-      raise ValueError(f"unknown config argument {name!r}; known: {sorted(defaults)}")
+      raise errors.InputError(f"unknown config argument {name!r}; known: {sorted(defaults)}")
     default = defaults[name]
     if not text:
       if not isinstance(default, bool):
-        raise ValueError(f"config argument {name!r} needs a value")
+        raise errors.InputError(f"config argument {name!r} needs a value")
       value = True
     elif isinstance(default, str):
       value = text
@@ -34,9 +37,16 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
       if isinstance(default, float) and isinstance(value, int):
         value = float(value)
       if type(value) is not type(default):
-        raise ValueError(f"config argument {name}={text} is not a {type(default).__name__}")
+        raise errors.InputError(f"config argument {name}={text} is not a {type(default).__name__}")
     parsed[name] = value
   return parsed
+
+
+def follow(block: ml_collections.ConfigDict, field: str) -> config_dict.FieldReference:
+  """A value for another field that follows block.field: overriding block.field (on the command
+  line, `--config.a.b=value`) changes it too, while overriding the follower changes the follower
+  only. Strings follow with arithmetic on references (`block.get_ref("out") + "/images"`)."""
+  return block.get_ref(field).identity()
 
 
 def load(path: str, *overrides: str) -> ml_collections.ConfigDict:
@@ -125,6 +135,10 @@ def real_data_config(arg: ml_collections.ConfigDict, *, private: str, private_sp
   (`private` dataset, `private_split`, the privacy block, `evaluate` settings) lies under
   runs/{private}. arg.tiny shrinks every size for tests (CLIP then has to be tiny too).
 
+  Shared values follow one field (`follow`): the seeds follow `seed`, the U-Net's context width
+  privacy.embedding_dim, the stores embed.out and the dataset names and split, the evaluation's
+  epsilon and T the privacy block's.
+
   Used by configs/coco.py and configs/cifar10.py; `arg` holds tiny (bool), seed (int), clip (str).
   """
   from dprdm_jax.models import unet  # pylint: disable=g-import-not-at-top
@@ -144,32 +158,34 @@ def real_data_config(arg: ml_collections.ConfigDict, *, private: str, private_sp
       resolution=64, public=public, private=private, private_split=private_split, tfds_dir="",
       public_test_split="validation"))
   # `dprdm embed --dataset D --split S` writes OUT/D-S/{images,captions}, public and private.
-  emb = f"{shared}/embeddings"
   config.embed = ml_collections.ConfigDict(dict(
-      out=emb, batch_size=256, chunk_size=8192, key="image", image_tower=clip,
+      out=f"{shared}/embeddings", batch_size=256, chunk_size=8192, key="image", image_tower=clip,
       text_tower=clip))
+  emb = config.embed.get_ref("out")
+  public_dir = emb + "/" + config.data.get_ref("public") + "-train"
+  private_dir = (emb + "/" + config.data.get_ref("private") + "-"
+                 + config.data.get_ref("private_split"))
   # The paper's U-Net (about 400M parameters), its schedule, "Adapt" training with conditioning
   # dropout, AdamW at 1e-4 with a global batch of 1,280. The step count is a budget of ours (the
   # paper's is not in SPEC): 100,000 steps, 128M examples, about 100 epochs of ImageNet.
   config.model = model_config(unet.PAPER_CONFIG)
-  config.model.context_dim = privacy.embedding_dim
+  config.model.context_dim = follow(config.privacy, "embedding_dim")
   config.diffusion = diffusion_config(eta=0.0, guidance_scale=2.0)
   config.train = ml_collections.ConfigDict(dict(
-      workdir=f"{shared}/unet", embeddings=f"{emb}/{public}-train/images",
+      workdir=f"{shared}/unet", embeddings=public_dir + "/images",
       num_neighbors=4, batch_size=1280, steps=100_000, learning_rate=1e-4, warmup_steps=5000,
-      grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999, seed=arg.seed, log_every=100,
-      checkpoint_every=2000, keep_checkpoints=3))
-  private_dir = f"{emb}/{private}-{private_split}"
+      grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999, seed=follow(config, "seed"),
+      log_every=100, checkpoint_every=2000, keep_checkpoints=3))
   config.generate = ml_collections.ConfigDict(dict(
       out=f"{own}/generate", ledger=f"{own}/ledger.db", batch_size=256, checkpoint="",
-      private_keys=f"{private_dir}/captions", private_values=f"{private_dir}/images",
-      public_keys=f"{emb}/{public}-train/captions",
-      public_values=f"{emb}/{public}-train/images"))
+      private_keys=private_dir + "/captions", private_values=private_dir + "/images",
+      public_keys=public_dir + "/captions", public_values=public_dir + "/images"))
   # `dprdm evaluate`, judged by the same CLIP (evaluate/judges.py): FD, KID and prdc on CLIP
   # image features against a held-out split of the private dataset, and the CLIP score.
   config.evaluate = ml_collections.ConfigDict(dict(
       features=clip, out=f"{own}/report", ledger=f"{own}/eval-ledger.db", ledger_budget=1000.0,
-      ledger_accountant="rdp", epsilon=privacy.epsilon_budget, num_queries=privacy.num_queries,
+      ledger_accountant="rdp", epsilon=follow(config.privacy, "epsilon_budget"),
+      num_queries=follow(config.privacy, "num_queries"),
       interpolations=(1.0, 0.7), guidance_scales=(1.5, 2.0, 3.0),
       epsilons=(1.0, 2.0, 5.0, 10.0, 20.0), nearest_k=5, bootstrap_rounds=50, kid_subsets=50,
       **evaluate))

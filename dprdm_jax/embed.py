@@ -6,8 +6,9 @@ and the text tower's embeddings of the captions (usable as retrieval keys, READM
 default"). The job embeds the split in chunks of config.embed.chunk_size records; each finished
 chunk is written atomically to OUT/chunks/, so a killed job rerun with the same arguments skips
 the chunks done and ends with the same stores. Chunk i belongs to process i % process_count, and
-within a process each batch is split over the local devices' data axis; process 0 assembles the
-stores once every chunk is on disk (OUT must be a shared file system on a multi-host run).
+within a process each batch is split over the local devices' data axis; once every process has
+reached a barrier, process 0 assembles the stores (OUT must be a shared file system on a
+multi-host run: `dprdm embed --distributed`).
 """
 
 import functools
@@ -21,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.data import offline
 from dprdm_jax.data import pipeline
 from dprdm_jax.data import source as source_lib
@@ -33,9 +35,15 @@ KINDS = ("images", "captions")
 
 def open_source(config: ml_collections.ConfigDict, dataset: str,
                 split: str) -> source_lib.Source:
-  """An offline dataset by name, or a tensorflow-datasets one (config.data.tfds_dir)."""
+  """An offline dataset by name, a folder of images as "folder:PATH" (data/folder.py: split
+  "train", at config.data.resolution with config.model.in_channels channels), or a
+  tensorflow-datasets dataset (config.data.tfds_dir)."""
   if dataset in offline.NAMES:
     return offline.load(dataset, split, config.data.resolution)
+  if dataset.startswith("folder:"):
+    from dprdm_jax.data import folder  # pylint: disable=g-import-not-at-top
+    return folder.FolderSource(dataset[len("folder:"):], split, config.data.resolution,
+                               config.model.in_channels)
   from dprdm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   return tfds_source.TfdsSource(dataset, split, config.data.resolution,
                                 data_dir=config.data.tfds_dir or None)
@@ -44,8 +52,8 @@ def open_source(config: ml_collections.ConfigDict, dataset: str,
 def _data_sharding(batch_size: int) -> jax.sharding.NamedSharding:
   devices = jax.local_devices()
   if batch_size % len(devices):
-    raise ValueError(f"embed.batch_size {batch_size} must be a multiple of the "
-                     f"{len(devices)} local devices")
+    raise errors.InputError(f"embed.batch_size {batch_size} must be a multiple of the "
+                            f"{len(devices)} local devices")
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
@@ -68,7 +76,7 @@ def open_image_tower(config: ml_collections.ConfigDict):
                           _data_sharding(config.embed.batch_size))
   if spec.startswith("clip:"):
     return load_clip(spec[len("clip:"):])
-  raise ValueError(
+  raise errors.InputError(
       f"embed.image_tower must be 'linear', 'contrastive' or 'clip:PATH', got {spec!r}")
 
 
@@ -82,7 +90,7 @@ def open_text_tower(config: ml_collections.ConfigDict):
     return text, text.fit_center(list(offline.caption_vocabulary()))
   if spec.startswith("clip:"):
     return load_clip(spec[len("clip:"):]), None
-  raise ValueError(f"embed.text_tower must be 'minilm' or 'clip:PATH', got {spec!r}")
+  raise errors.InputError(f"embed.text_tower must be 'minilm' or 'clip:PATH', got {spec!r}")
 
 
 def open_towers(config: ml_collections.ConfigDict):
@@ -124,15 +132,18 @@ class _Progress:
     self._last_decile = decile
 
 
-def embed(config: ml_collections.ConfigDict, dataset: str, split: str, out,
-          process_index: int = 0, process_count: int = 1, wait_seconds: float = 3600.0) -> dict:
+def embed(config: ml_collections.ConfigDict, dataset: str, split: str, out) -> dict:
   """Embeds one split into OUT/images and OUT/captions; returns counts and throughput.
 
   Resumable: chunks already in OUT/chunks are kept. Refuses an OUT that holds finished stores.
+  In a multi-process run (jax.distributed initialised) every process embeds its chunks, all
+  meet at a barrier, process 0 writes the stores, and all meet again: every process returns
+  once the stores exist, and a process that died makes the others fail at the barrier.
   """
+  process_index, process_count = jax.process_index(), jax.process_count()
   out = pathlib.Path(out)
   if any((out / kind / "manifest.json").exists() for kind in KINDS):
-    raise ValueError(f"{out} already holds embedding stores; choose another --out")
+    raise errors.InputError(f"{out} already holds embedding stores; choose another --out")
   source = open_source(config, dataset, split)
   image_encoder, encode_captions = open_towers(config)
   (out / "chunks").mkdir(parents=True, exist_ok=True)
@@ -166,23 +177,29 @@ def embed(config: ml_collections.ConfigDict, dataset: str, split: str, out,
                 distinct_captions=distinct_captions,
                 captions_per_second=distinct_captions / max(caption_seconds, 1e-9),
                 devices=jax.local_device_count())
+  num_chunks = len(range(0, len(source), config.embed.chunk_size))
+  _barrier(f"embed {out}: chunks written", process_count)
   if process_index == 0:
-    result.update(_assemble(out, len(range(0, len(source), config.embed.chunk_size)),
-                            wait_seconds))
+    result.update(_assemble(out, num_chunks))
+  _barrier(f"embed {out}: stores written", process_count)
+  if process_index != 0:
+    result["stores"] = json.loads((out / "embed.json").read_text())
   return result
 
 
-def _assemble(out: pathlib.Path, num_chunks: int, wait_seconds: float) -> dict:
-  """Waits for every chunk, writes the two stores, then deletes the chunks."""
-  deadline = time.monotonic() + wait_seconds
-  while True:
-    missing = [i for i in range(num_chunks) if not _chunk_path(out, i).exists()]
-    if not missing:
-      break
-    if time.monotonic() > deadline:
-      raise TimeoutError(f"{len(missing)} chunks (e.g. {missing[0]}) never appeared in "
-                         f"{out / 'chunks'}; rerun the other processes' jobs")
-    time.sleep(2.0)
+def _barrier(name: str, process_count: int) -> None:
+  if process_count > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _assemble(out: pathlib.Path, num_chunks: int) -> dict:
+  """Writes the two stores from every chunk (all on disk: OUT is shared), deletes the chunks."""
+  missing = [i for i in range(num_chunks) if not _chunk_path(out, i).exists()]
+  if missing:
+    raise errors.InputError(f"{len(missing)} chunks (e.g. {missing[0]}) are missing from "
+                            f"{out / 'chunks'} after every process finished: is --out on storage "
+                            "all processes share?")
   parts = [np.load(_chunk_path(out, i)) for i in range(num_chunks)]
   ids = np.concatenate([p["ids"] for p in parts])
   text = np.concatenate([p["text"] for p in parts]).tolist()

@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from dprdm_jax import embed
+from dprdm_jax import errors
 from dprdm_jax import release
 from dprdm_jax import sample
 from dprdm_jax import sharding
@@ -66,7 +67,7 @@ MODES = ("private", "public", "nonprivate", "none")
 ADJACENCY = "add-or-remove-one record"
 
 
-class GenerateError(ValueError):
+class GenerateError(errors.InputError):
   """A prompt, a mode or a setting that `generate` refuses; nothing was charged."""
 
 
@@ -99,6 +100,8 @@ def read_prompts(path) -> list[str]:
     text = pathlib.Path(path).read_bytes().decode("utf-8")
   except UnicodeDecodeError as e:
     raise GenerateError(f"{path} is not UTF-8 text (byte {e.start})") from None
+  except OSError as e:
+    raise GenerateError(f"cannot read the prompts file: {e}") from None
   return text.splitlines()
 
 

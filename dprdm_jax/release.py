@@ -27,19 +27,21 @@ import time
 import jax
 import ml_collections
 
+from dprdm_jax import errors
+
 MANIFEST = "release.json"
 # The parts of a config that decide what training produces (paths, sampling settings and the
 # private side do not: one public model serves every private set).
 _TRAINING_FIELDS = {
     "model": None, "data": ("tfds_dir", "public_test_split", "private", "private_split"),
-    "encoder": ("workdir",),
+    "encoder": ("workdir", "keep_checkpoints"),
     "embed": ("out", "batch_size", "chunk_size"),
     "train": ("workdir", "embeddings", "log_every", "checkpoint_every", "keep_checkpoints"),
     "diffusion": ("sample_steps", "eta", "guidance_scale", "clip_x0"),
 }
 
 
-class ReleaseError(ValueError):
+class ReleaseError(errors.InputError):
   """A release that does not match the code, the config or the towers in use."""
 
 
@@ -91,7 +93,7 @@ def check_tower(directory, tower_path) -> None:
 
 def export(config: ml_collections.ConfigDict, workdir, out, command: str = "") -> dict:
   """Writes the release of the latest checkpoint in the `dprdm train` work directory `workdir`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dprdm_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from dprdm_jax import sample  # pylint: disable=g-import-not-at-top
   from dprdm_jax import sharding  # pylint: disable=g-import-not-at-top
   from dprdm_jax.encoders import linear  # pylint: disable=g-import-not-at-top
@@ -104,8 +106,7 @@ def export(config: ml_collections.ConfigDict, workdir, out, command: str = "") -
   if out.exists():
     shutil.rmtree(out)
   out.mkdir(parents=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(out / "ema", jax.device_get(ema))
+  checkpoints.save_tree(out / "ema", jax.device_get(ema))
   # orbax's marker names the absolute path it wrote to; a release is copied and committed, so it
   # must not carry the exporting machine's paths (a local restore does not read the marker).
   (out / "ema" / "commit_success.txt").unlink(missing_ok=True)
@@ -125,9 +126,7 @@ def export(config: ml_collections.ConfigDict, workdir, out, command: str = "") -
 
 def load_ema(trainer, directory) -> tuple[dict, int]:
   """(EMA parameters placed on the trainer's mesh, step) of the release in `directory`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dprdm_jax import checkpoints  # pylint: disable=g-import-not-at-top
   manifest = check(trainer.config, directory)
-  with ocp.StandardCheckpointer() as checkpointer:
-    ema = checkpointer.restore(pathlib.Path(directory).absolute() / "ema",
-                               trainer.abstract_state["ema"])
+  ema = checkpoints.restore_tree(pathlib.Path(directory) / "ema", trainer.abstract_state["ema"])
   return ema, int(manifest["step"])

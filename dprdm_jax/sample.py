@@ -20,7 +20,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from dprdm_jax import checkpoints
 from dprdm_jax import embed
+from dprdm_jax import errors
 from dprdm_jax import release
 from dprdm_jax import sharding
 from dprdm_jax import train
@@ -52,8 +54,8 @@ def positions_of(source: source_lib.Source, ids: np.ndarray) -> np.ndarray:
   sorted_ids = source.ids[order]
   found = np.minimum(np.searchsorted(sorted_ids, ids), len(order) - 1)
   if not np.array_equal(sorted_ids[found], ids):
-    raise ValueError(f"{source.name} does not hold every id of the store; the store must embed "
-                     "the same split")
+    raise errors.InputError(f"{source.name} does not hold every id of the store; the store must "
+                            "embed the same split")
   return order[found]
 
 
@@ -64,10 +66,11 @@ def load_ema(config: ml_collections.ConfigDict, workdir,
   trainer = train.Trainer(config, mesh)
   if release.is_release(workdir):
     return (trainer, *release.load_ema(trainer, workdir))
-  state = train.restore(trainer, workdir)
-  if state is None:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint of `dprdm train`; train first")
-  return trainer, state["ema"], int(state["step"])
+  restored = checkpoints.restore_latest(workdir, {"ema": trainer.abstract_state["ema"]})
+  if restored is None:
+    raise errors.MissingError(f"{workdir} holds no checkpoint of `dprdm train`; train first")
+  step, state = restored
+  return trainer, state["ema"], step
 
 
 def draw(trainer: train.Trainer, params: dict, contexts: np.ndarray, seed: int) -> np.ndarray:
@@ -140,7 +143,7 @@ def sample_grid(config: ml_collections.ConfigDict, workdir, out, rows: int = 20,
   """
   k = config.train.num_neighbors
   if rows < 1 or per_row < 1:
-    raise ValueError(f"rows and per_row must be >= 1, got {rows} and {per_row}")
+    raise errors.InputError(f"rows and per_row must be >= 1, got {rows} and {per_row}")
   mesh = sharding.make_mesh(config.mesh)
   trainer, params, step = load_ema(config, workdir, mesh)
 

@@ -11,15 +11,17 @@ accuracy on Fashion-MNIST's test split, retrieval accuracy on its train split) i
 the curator, done once here and written to the work directory; it does not change the tower, so
 the key function stays independent of the private data (rule R1 and the README's assumptions).
 
-Checkpoints (orbax): tower, optimizer state and step every `checkpoint_every` steps and at the
-end; a rerun resumes from the latest one and, the data stream being a function of (seed, step),
-ends with the parameters an uninterrupted run would have.
+Training follows the trainers' shared idiom (training.py): the train state (step, the tower's
+and the temperature's parameters, the optimizer state) is checkpointed (checkpoints.py) every
+`checkpoint_every` steps, at the end and on preemption; a rerun resumes from the latest one and,
+the data stream being a function of (seed, step), ends with the parameters an uninterrupted run
+would have. Metrics (metrics_writer.py): loss and batch accuracy (means since the previous record),
+learning rate, gradient norm and throughput in metrics.jsonl and TensorBoard events, and loss.svg.
 """
 
+import functools
 import json
 import pathlib
-import sys
-import time
 from typing import Optional
 
 from flax import nnx
@@ -29,6 +31,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from dprdm_jax import checkpoints
+from dprdm_jax import errors
+from dprdm_jax import metrics_writer
+from dprdm_jax import training
 from dprdm_jax.data import offline
 from dprdm_jax.data import pipeline
 from dprdm_jax.encoders import image as image_lib
@@ -36,10 +42,12 @@ from dprdm_jax.encoders import linear as linear_lib
 from dprdm_jax.encoders import text as text_lib
 
 
-class _Head(nnx.Module):
-  """The learned inverse temperature of the contrastive softmax, as log scale."""
+class _Contrastive(nnx.Module):
+  """The image tower (params["tower"] in the train state, which `image.load` reads) and the
+  learned inverse temperature of the contrastive softmax, as log scale."""
 
-  def __init__(self):
+  def __init__(self, config: image_lib.TowerConfig, seed: int):
+    self.tower = image_lib.ImageTower(config, nnx.Rngs(seed))
     self.log_scale = nnx.Param(jnp.log(10.0))
 
 
@@ -69,9 +77,9 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
   """Trains (or resumes) the tower in `workdir` and returns the evaluation figures.
 
   stop_after: return None once the checkpoint of this step is written, as a preemption at that
-    point would leave the work directory; a later call resumes from there.
+    point would leave the work directory (a preemption returns None too); a later call resumes
+    from there.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   enc = config.encoder
@@ -81,74 +89,43 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
   config_path = workdir / image_lib.CONFIG_FILE
   if config_path.exists() and image_lib.TowerConfig.from_json(config_path.read_text()) != (
       tower_config):
-    raise ValueError(f"{workdir} holds a tower of another shape; use a fresh work directory")
+    raise errors.InputError(f"{workdir} holds a tower of another shape; use a fresh work directory")
   config_path.write_text(tower_config.to_json())
 
-  tower = image_lib.init(tower_config, enc.seed)
-  head = _Head()
+  model = training.NnxModel(lambda seed: _Contrastive(tower_config, seed))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, enc.learning_rate, enc.warmup_steps, enc.steps, end_value=enc.learning_rate * 0.01)
   tx = optax.adamw(schedule, weight_decay=enc.weight_decay)
-  optimizer = nnx.Optimizer((tower, head), tx, wrt=nnx.Param)
   targets = jnp.asarray(class_embeddings["public"])
 
-  manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-      max_to_keep=2, save_interval_steps=1))
-  start = manager.latest_step() or 0
-  if start:
-    restored = manager.restore(start, args=ocp.args.Composite(
-        tower=ocp.args.StandardRestore(nnx.state(tower)),
-        head=ocp.args.StandardRestore(nnx.state(head)),
-        optimizer=ocp.args.StandardRestore(nnx.state(optimizer))))
-    nnx.update(tower, restored["tower"])
-    nnx.update(head, restored["head"])
-    nnx.update(optimizer, restored["optimizer"])
-    print(f"resumed from step {start}", file=sys.stderr)
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state, batch):
+    def loss_fn(params):
+      contrastive = model(params)
+      logits = jnp.exp(contrastive.log_scale[...]) * contrastive.tower(batch["image"]) @ targets.T
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return loss, (logits.argmax(-1) == batch["label"]).mean()
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    metrics = dict(loss=loss, train_accuracy=accuracy, grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state["step"]))
+    return training.apply_gradients(state, grads, tx), metrics
 
-  @nnx.jit
-  def step_fn(tower, head, optimizer, images, labels):
-    def loss_fn(tower, head):
-      logits = jnp.exp(head.log_scale[...]) * tower(images) @ targets.T
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (logits.argmax(-1) == labels).mean()
-    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        tower, head)
-    optimizer.update((tower, head), grads)
-    return loss, accuracy
-
-  def save(step):
-    manager.save(step, args=ocp.args.Composite(
-        tower=ocp.args.StandardSave(nnx.state(tower)),
-        head=ocp.args.StandardSave(nnx.state(head)),
-        optimizer=ocp.args.StandardSave(nnx.state(optimizer))))
+  def init():
+    return training.init_state(model.init_params(enc.seed), tx)
 
   public_train = offline.load("public", "train", config.data.resolution)
-  batches = pipeline.TrainBatches(public_train, enc.batch_size, enc.seed, start_step=start)
-  log_path = workdir / "train_log.jsonl"
-  t0, last_log = time.perf_counter(), start
-  for batch in batches:
-    step = batches.step
-    if step > enc.steps:
-      break
-    loss, accuracy = step_fn(tower, head, optimizer, jnp.asarray(batch["image"]),
-                             jnp.asarray(batch["label"]))
-    if step % enc.log_every == 0 or step == enc.steps:
-      elapsed = time.perf_counter() - t0
-      rate = (step - last_log) * enc.batch_size / max(elapsed, 1e-9)
-      record = dict(step=step, loss=float(loss), train_accuracy=float(accuracy),
-                    examples_per_second=rate)
-      with log_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-      print(f"step {step}/{enc.steps}  loss {float(loss):.4f}  batch accuracy "
-            f"{float(accuracy):.3f}  {rate:,.0f} images/s", file=sys.stderr, flush=True)
-      t0, last_log = time.perf_counter(), step
-    if step % enc.checkpoint_every == 0 or step == enc.steps or step == stop_after:
-      save(step)
-    if step == stop_after:
-      break
-  manager.wait_until_finished()
-  manager.close()
-  if stop_after is not None and stop_after < enc.steps:
+  with checkpoints.Checkpoints(workdir, every=enc.checkpoint_every, last=enc.steps,
+                               keep=enc.keep_checkpoints, stop_after=stop_after) as saved:
+    start, state = training.restore_or_init(saved, jax.eval_shape(init), jax.jit(init))
+    batches = pipeline.TrainBatches(public_train, enc.batch_size, enc.seed, start_step=start,
+                                    transform=lambda b: dict(image=b["image"], label=b["label"]))
+    with metrics_writer.MetricsWriter(workdir, name="dprdm train-encoder", total=enc.steps,
+                                      start=start, examples_per_step=enc.batch_size,
+                                      mean_of=("loss", "train_accuracy")) as metrics:
+      _, step = training.run(train_step, state, batches, start=start, total=enc.steps,
+                             log_every=enc.log_every, checkpoints=saved, metrics=metrics,
+                             meta=lambda step: dict(step=step, config=config.to_json()))
+  if step < enc.steps:
     return None
   # The value embedding of the default (encoders/linear.py): a closed-form fit, seconds. A tower
   # already there is kept, as the trained tower is: a U-Net trained on it (or a release's tower

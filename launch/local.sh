@@ -5,6 +5,7 @@
 #   bash launch/local.sh test     the whole test suite (add pytest arguments after it)
 #   bash launch/local.sh bench    the benchmarks in benchmarks/ (installs the peers first)
 #   bash launch/local.sh train    `dprdm train` with the arguments given (--config ... etc.)
+#   bash launch/local.sh install  the set-up alone (launch/tpu.sh and launch/gpu.sh use it)
 #
 # JAX_ACCELERATOR=tpu (or cuda12, cuda13) also installs jax[$JAX_ACCELERATOR] at the pinned version,
 # for TPU VMs and NVIDIA GPUs; without it JAX runs on the CPU.
@@ -60,7 +61,7 @@ if ! grep -qx "$emoji_debs" "$emoji_root/.extracted" 2>/dev/null; then
   echo "$emoji_debs" >"$emoji_root/.extracted"
 fi
 
-extras=test
+extras="test"
 [ "$job" = bench ] && extras=test,bench
 want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16) $extras $data_wheels ${JAX_ACCELERATOR:-cpu}"
 if ! grep -qx "$want" "$stamp" 2>/dev/null; then
@@ -123,6 +124,9 @@ case "$job" in
   train)
     dprdm train "$@"
     ;;
+  install)
+    echo "== $venv is set up (jax: ${JAX_ACCELERATOR:-cpu})" >&2
+    ;;
   bench)
     python benchmarks/aggregate.py "$@"
     python benchmarks/accounting.py
@@ -136,7 +140,7 @@ case "$job" in
     fi
     ;;
   *)
-    echo "usage: bash launch/local.sh demo|test|bench|train [args]" >&2
+    echo "usage: bash launch/local.sh demo|test|bench|train|install [args]" >&2
     exit 2
     ;;
 esac

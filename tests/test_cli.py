@@ -228,3 +228,62 @@ def test_index_bad_input_exits_2(capsys, tmp_path, monkeypatch, args, message):
   monkeypatch.chdir(tmp_path)
   status, _, err = dprdm(capsys, *args)
   assert status == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_bug_inside_a_job_keeps_its_traceback(tmp_path):
+  # A ValueError that is not one of the project's errors (dprdm_jax/errors.py) is a bug: the
+  # command must not report it as bad input.
+  code = ("from dprdm_jax import cli, train\n"
+          "def broken(config, workdir):\n"
+          "  raise ValueError('an internal bug, not bad input')\n"
+          "train.train = broken\n"
+          "cli.run()")
+  job = subprocess.run([sys.executable, "-c", code, "train", "--config=configs/default.py:tiny",
+                        f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300)
+  assert job.returncode == 1
+  assert "Traceback" in job.stderr and "in broken" in job.stderr
+  assert job.stderr.strip().endswith("ValueError: an internal bug, not bad input")
+  assert "error: an internal bug" not in job.stderr
+
+
+def test_project_errors_are_the_one_line_path(capsys, monkeypatch):
+  from dprdm_jax import errors  # pylint: disable=g-import-not-at-top
+  from dprdm_jax import train  # pylint: disable=g-import-not-at-top
+
+  def refuse(config, workdir):
+    raise errors.MissingError(f"{workdir} holds no store")
+
+  monkeypatch.setattr(train, "train", refuse)
+  status, _, err = dprdm(capsys, "train", "--config=configs/default.py:tiny", "--workdir=w")
+  assert status == 2 and err == "dprdm train: error: w holds no store\n"
+
+
+def test_privacy_actions_import_no_jax_scann_flax_or_transformers():
+  code = ("import sys\nfrom dprdm_jax import cli\n"
+          f"assert cli.main(['dprdm', 'privacy', 'epsilon', *{REFERENCE!r}]) == 0\n"
+          "print(sorted(m for m in ('jax', 'scann', 'flax', 'transformers', 'orbax', "
+          "'tensorflow') if m in sys.modules))")
+  job = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       check=True)
+  assert job.stdout.splitlines()[-1] == "[]"
+
+
+JOBS = ("train-encoder", "embed", "train", "export", "sample", "generate", "train-classifier",
+        "hit-rate", "evaluate")
+
+
+def test_every_job_takes_workdir():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  jobs = {words for words, c in cli.COMMANDS.items() if c.takes_config} - {
+      ("privacy", "epsilon"), ("privacy", "calibrate"), ("privacy", "plan"), ("index", "build")}
+  assert jobs == {(j,) for j in JOBS}
+  for words in jobs:
+    fv = flags.FlagValues()
+    cli.COMMANDS[words].define(fv)
+    assert "workdir" in fv, words
+
+
+def test_process_flags_need_a_coordinator(capsys):
+  status, _, err = dprdm(capsys, "embed", "--config=configs/default.py:tiny", "--dataset=mnist5k",
+                         "--num-processes=2", "--process-id=1")
+  assert status == 2 and "need --coordinator or --distributed" in err

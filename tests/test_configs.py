@@ -59,3 +59,48 @@ def test_paper_model_builds_from_the_coco_config():
   from dprdm_jax.models import unet  # pylint: disable=g-import-not-at-top
   count = unet.param_count(train.model_config(load("configs/coco.py")))
   assert abs(count / 400e6 - 1) < 0.05, count
+
+
+@pytest.mark.parametrize("path", ["configs/default.py", "configs/default.py:tiny"])
+def test_shared_values_follow_their_field_through_command_line_overrides(path):
+  config = load(path, "--config.seed=3", "--config.privacy.embedding_dim=32",
+                "--config.embed.out=/stores", "--config.data.public=mnist5k",
+                "--config.data.private=mnist", "--config.privacy.epsilon_budget=5",
+                "--config.privacy.num_queries=7")
+  assert config.encoder.seed == config.train.seed == config.classifier.seed == 3
+  assert config.encoder.linear_dim == config.model.context_dim == 32
+  assert config.train.embeddings == config.generate.public_values == (
+      "/stores/mnist5k-train/images")
+  assert config.generate.public_keys == "/stores/mnist5k-train/captions"
+  assert (config.generate.private_keys, config.generate.private_values) == (
+      "/stores/mnist-train/captions", "/stores/mnist-train/images")
+  assert (config.evaluate.epsilon, config.evaluate.num_queries) == (5.0, 7)
+
+
+def test_the_tiny_config_sets_shared_values_once():
+  config = load("configs/default.py:tiny")
+  assert config.privacy.embedding_dim == config.encoder.linear_dim == config.model.context_dim
+  assert config.privacy.embedding_dim != load("configs/default.py").privacy.embedding_dim
+  assert (config.evaluate.epsilon, config.evaluate.num_queries) == (
+      config.privacy.epsilon_budget, config.privacy.num_queries)
+
+
+def test_a_follower_overridden_alone_leaves_its_field_and_the_other_followers():
+  config = load("configs/default.py", "--config.train.seed=5", "--config.encoder.linear_dim=32",
+                "--config.train.embeddings=/x")
+  assert config.train.seed == 5 and config.seed == config.encoder.seed == 0
+  assert config.classifier.seed == 0
+  assert config.model.context_dim == 32 and config.privacy.embedding_dim == 64
+  assert config.train.embeddings == "/x" and config.embed.out == "runs/default/embeddings"
+  assert config.generate.public_values == "runs/default/embeddings/public-train/images"
+
+
+@pytest.mark.parametrize("path", ["configs/coco.py", "configs/cifar10.py"])
+def test_real_data_configs_follow_the_seed_width_and_stores(path):
+  config = load(path, "--config.seed=4", "--config.privacy.embedding_dim=64",
+                "--config.embed.out=/e", "--config.data.private_split=val",
+                "--config.privacy.num_queries=9")
+  assert config.train.seed == 4 and config.model.context_dim == 64
+  assert config.train.embeddings == "/e/imagenet2012-train/images"
+  assert config.generate.private_keys == f"/e/{config.data.private}-val/captions"
+  assert config.evaluate.num_queries == 9

@@ -16,10 +16,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from dprdm_jax import errors
+
 FIELDS = ("image", "label", "caption", "id")
 
 
-class SourceError(ValueError):
+class SourceError(errors.InputError):
   """A dataset is missing, malformed, or asked for something it does not have."""
 
 

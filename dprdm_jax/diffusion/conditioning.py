@@ -20,6 +20,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from dprdm_jax import errors
+
 
 def null_context(batch: int, d: int) -> jax.Array:
   """The unconditional context: zeros (batch, 1, d), float32."""
@@ -44,11 +46,11 @@ def adapt_context(key: jax.Array, neighbors: jax.Array, sigma_max: float,
     p_uncond: the conditioning-dropout probability, a Python number in [0, 1].
   """
   if not isinstance(sigma_max, numbers.Real) or not sigma_max >= 0:
-    raise ValueError(f"sigma_max must be a number >= 0, got {sigma_max!r}")
+    raise errors.InputError(f"sigma_max must be a number >= 0, got {sigma_max!r}")
   if not isinstance(p_uncond, numbers.Real) or not 0 <= p_uncond <= 1:
-    raise ValueError(f"p_uncond must be a number in [0, 1], got {p_uncond!r}")
+    raise errors.InputError(f"p_uncond must be a number in [0, 1], got {p_uncond!r}")
   if neighbors.ndim != 3 or neighbors.shape[1] < 1:
-    raise ValueError(f"neighbors must be (B, k, d) with k >= 1, got shape {neighbors.shape}")
+    raise errors.InputError(f"neighbors must be (B, k, d) with k >= 1, got shape {neighbors.shape}")
   b, _, d = neighbors.shape
   scale_key, noise_key, drop_key = jax.random.split(key, 3)
   scale = sigma_max * (1.0 - jax.random.uniform(scale_key, (b, 1, 1), jnp.float32))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dprdm_jax import errors
 from dprdm_jax.diffusion import schedule as schedule_lib
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -43,13 +44,14 @@ def diffusion_loss(eps_fn: EpsFn, schedule: schedule_lib.Schedule, x0: jax.Array
   """
   x0 = jnp.asarray(x0, jnp.float32)
   if context.ndim != 3 or context.shape[0] != x0.shape[0]:
-    raise ValueError(f"context must be (B, L, d) with B = {x0.shape[0]}, got {context.shape}")
+    raise errors.InputError(f"context must be (B, L, d) with B = {x0.shape[0]}, got "
+                            f"{context.shape}")
   t_key, noise_key = jax.random.split(key)
   t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.T, jnp.int32)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   pred = eps_fn(schedule_lib.q_sample(schedule, x0, t, noise), t, context)
   if pred.shape != x0.shape:
-    raise ValueError(f"eps_fn returned shape {pred.shape}, expected {x0.shape}")
+    raise errors.InputError(f"eps_fn returned shape {pred.shape}, expected {x0.shape}")
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
 
 
@@ -64,7 +66,7 @@ def ema_update(ema_params, params, decay):
   checked to lie in [0, 1]: decay = 1 freezes the average, decay = 0 copies params.
   """
   if isinstance(decay, numbers.Real) and not 0 <= decay <= 1:
-    raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    raise errors.InputError(f"decay must lie in [0, 1], got {decay}")
   return optax.incremental_update(params, ema_params, 1.0 - decay)
 
 
@@ -78,6 +80,6 @@ def ema_decay(step, max_decay: float):
   step may be traced.
   """
   if not 0 <= max_decay <= 1:
-    raise ValueError(f"max_decay must lie in [0, 1], got {max_decay}")
+    raise errors.InputError(f"max_decay must lie in [0, 1], got {max_decay}")
   n = jnp.asarray(step, jnp.float32) + 1.0
   return jnp.minimum(jnp.float32(max_decay), (1.0 + n) / (10.0 + n))

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.diffusion import schedule as schedule_lib
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -68,9 +69,9 @@ def ddim_timesteps(T: int, num_steps: int) -> np.ndarray:  # pylint: disable=inv
   Rounds half up in integer arithmetic, so the grid is exact for any T; num_steps = 1 gives [T-1].
   """
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-    raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+    raise errors.InputError(f"num_steps must be an integer, got {num_steps!r}")
   if not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must lie in [1, T = {T}], got {num_steps}")
+    raise errors.InputError(f"num_steps must lie in [1, T = {T}], got {num_steps}")
   if num_steps == 1:
     return np.array([T - 1], np.int32)
   i = np.arange(num_steps, dtype=np.int64)
@@ -90,20 +91,20 @@ def _is_zero(eta) -> bool:
 def _check_eta(eta) -> None:
   """Checks eta when it is a Python number (traced values cannot be); above 1, sigma > the step."""
   if isinstance(eta, numbers.Real) and not 0 <= eta <= 1:
-    raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    raise errors.InputError(f"eta must lie in [0, 1], got {eta}")
 
 
 def _check_clip(clip_x0) -> None:
   if clip_x0 is not None and not (isinstance(clip_x0, numbers.Real) and clip_x0 > 0):
-    raise ValueError(f"clip_x0 must be None or a number > 0, got {clip_x0!r}")
+    raise errors.InputError(f"clip_x0 must be None or a number > 0, got {clip_x0!r}")
 
 
 def _check_shape(shape, context_shape=None) -> tuple[int, ...]:
   shape = tuple(shape)
   if len(shape) < 1 or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in shape):
-    raise ValueError(f"shape must be a tuple of positive integers (B, ...), got {shape}")
+    raise errors.InputError(f"shape must be a tuple of positive integers (B, ...), got {shape}")
   if context_shape is not None and (len(context_shape) != 3 or context_shape[0] != shape[0]):
-    raise ValueError(f"context must be (B, L, d) with B = {shape[0]}, got {context_shape}")
+    raise errors.InputError(f"context must be (B, L, d) with B = {shape[0]}, got {context_shape}")
   return shape
 
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dprdm_jax import errors
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +41,16 @@ def from_betas(betas: np.ndarray) -> Schedule:
   """The schedule of a float64 array of betas, each in (0, 1); alphas_cumprod in float64 first."""
   betas = np.asarray(betas, np.float64)
   if betas.ndim != 1 or betas.size < 1:
-    raise ValueError(f"betas must be a non-empty vector, got shape {betas.shape}")
+    raise errors.InputError(f"betas must be a non-empty vector, got shape {betas.shape}")
   if not np.all((betas > 0) & (betas < 1)):
-    raise ValueError("every beta must lie in (0, 1)")
+    raise errors.InputError("every beta must lie in (0, 1)")
   return Schedule(betas=jnp.asarray(betas, jnp.float32),
                   alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas), jnp.float32))
 
 
 def _check_steps(T: int) -> None:  # pylint: disable=invalid-name
   if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
-    raise ValueError(f"T must be a positive integer, got {T!r}")
+    raise errors.InputError(f"T must be a positive integer, got {T!r}")
 
 
 def linear(T: int = 1000, beta_start: float = 0.0015,  # pylint: disable=invalid-name
@@ -60,7 +62,7 @@ def linear(T: int = 1000, beta_start: float = 0.0015,  # pylint: disable=invalid
   """
   _check_steps(T)
   if not 0 < beta_start <= beta_end < 1:
-    raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    raise errors.InputError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
   return from_betas(np.linspace(np.sqrt(beta_start), np.sqrt(beta_end), T, dtype=np.float64)**2)
 
 
@@ -74,7 +76,7 @@ def cosine(T: int = 1000, s: float = 0.008) -> Schedule:  # pylint: disable=inva
   """
   _check_steps(T)
   if not s > 0:
-    raise ValueError(f"s must be positive, got {s}")
+    raise errors.InputError(f"s must be positive, got {s}")
   f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * np.pi / 2)**2
   return from_betas(np.minimum(1.0 - f[1:] / f[:-1], 0.999))
 
@@ -92,7 +94,7 @@ def alpha_bar(schedule: Schedule, t: jax.Array) -> jax.Array:
   """
   t = jnp.asarray(t)
   if not jnp.issubdtype(t.dtype, jnp.integer):
-    raise TypeError(f"timesteps must be integers, got dtype {t.dtype}")
+    raise errors.WrongTypeError(f"timesteps must be integers, got dtype {t.dtype}")
   # jnp.take would wrap negative indices NumPy-style, so the range is checked explicitly.
   inside = (t >= 0) & (t < schedule.T)
   return jnp.where(inside, jnp.take(schedule.alphas_cumprod, t, mode="clip"), jnp.nan)
@@ -112,8 +114,8 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
   """
   x0, noise = jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32)
   if x0.shape != noise.shape:
-    raise ValueError(f"x0 {x0.shape} and noise {noise.shape} must have the same shape")
+    raise errors.InputError(f"x0 {x0.shape} and noise {noise.shape} must have the same shape")
   if x0.ndim < 1 or jnp.shape(t) != x0.shape[:1]:
-    raise ValueError(f"t must have shape (B,) = {x0.shape[:1]}, got {jnp.shape(t)}")
+    raise errors.InputError(f"t must have shape (B,) = {x0.shape[:1]}, got {jnp.shape(t)}")
   ab = _per_example(alpha_bar(schedule, t), x0.ndim)
   return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
+from dprdm_jax import errors
 from dprdm_jax.encoders import text
 
 DEFAULT_BATCH_SIZE = 256
@@ -51,7 +52,8 @@ class ClipEncoder:
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     if mean.shape != (3,) or std.shape != (3,) or np.any(std <= 0):
-      raise ValueError(f"image mean and std must be 3 values, std positive; got {mean}, {std}")
+      raise errors.InputError(f"image mean and std must be 3 values, std positive; got {mean}, "
+                              f"{std}")
     self._mean, self._std = tuple(mean.tolist()), tuple(std.tolist())
     self._text_forward = jax.jit(functools.partial(_text_features, model))
     self._image_forward = jax.jit(functools.partial(
@@ -70,7 +72,7 @@ class ClipEncoder:
     if not os.path.isdir(path_or_name) and (
         os.path.exists(path_or_name) or os.path.isabs(path_or_name)
         or path_or_name.startswith(".") or path_or_name.count("/") > 1):
-      raise FileNotFoundError(f"no model directory at {path_or_name}")
+      raise errors.MissingError(f"no model directory at {path_or_name}")
     model, params = text.load_flax_model(transformers.FlaxCLIPModel, path_or_name,
                                          local_files_only)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -145,15 +147,15 @@ def _image_normalisation(path_or_name: str,
 def _check_images(images: np.ndarray) -> np.ndarray:
   """`images` after checking it is a non-empty uint8 array (n, H, W, C) with C in {1, 3}."""
   if not isinstance(images, np.ndarray):
-    raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
+    raise errors.WrongTypeError(f"images must be a numpy array, got {type(images).__name__}")
   if images.dtype != np.uint8:
-    raise TypeError(f"images must be uint8, got {images.dtype}")
+    raise errors.WrongTypeError(f"images must be uint8, got {images.dtype}")
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(
+    raise errors.InputError(
         f"images must have shape (n, H, W, C) with C = 1 or 3, got {images.shape}; add a trailing "
         "axis to grayscale images")
   if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-    raise ValueError(f"images is empty: shape {images.shape}")
+    raise errors.InputError(f"images is empty: shape {images.shape}")
   return images
 
 

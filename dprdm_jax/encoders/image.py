@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dprdm_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class TowerConfig:
@@ -103,8 +105,8 @@ class ImageEncoder:
     c = self.config
     if images.dtype != np.uint8 or images.shape[1:] != (c.resolution, c.resolution,
                                                         c.in_channels):
-      raise ValueError(f"images must be uint8 of shape (n, {c.resolution}, {c.resolution}, "
-                       f"{c.in_channels}), got {images.dtype} {images.shape}")
+      raise errors.InputError(f"images must be uint8 of shape (n, {c.resolution}, {c.resolution}, "
+                              f"{c.in_channels}), got {images.dtype} {images.shape}")
     out = []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
@@ -125,24 +127,22 @@ CONFIG_FILE = "tower_config.json"
 
 def load(workdir, batch_size: int = 512,
          sharding: Optional[jax.sharding.NamedSharding] = None) -> ImageEncoder:
-  """The latest checkpoint of `dprdm train-encoder` in `workdir`, as an ImageEncoder."""
+  """The tower of the latest checkpoint of `dprdm train-encoder` in `workdir` (the entry
+  params["tower"] of its train state), as an ImageEncoder."""
   # Imported here: orbax is only needed to read a trained tower.
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dprdm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from dprdm_jax import training  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir).absolute()
   config_path = workdir / CONFIG_FILE
   if not config_path.is_file():
-    raise FileNotFoundError(f"{workdir} holds no trained image tower ({CONFIG_FILE} is missing); "
-                            "run `dprdm train-encoder` first")
+    raise errors.MissingError(f"{workdir} holds no trained image tower ({CONFIG_FILE} is missing); "
+                              "run `dprdm train-encoder` first")
   config = TowerConfig.from_json(config_path.read_text())
-  abstract = nnx.eval_shape(lambda: init(config, 0))
-  graphdef, abstract_state = nnx.split(abstract)
-  with ocp.CheckpointManager(workdir / "checkpoints") as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{workdir}/checkpoints holds no complete checkpoint")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        tower=ocp.args.StandardRestore(abstract_state)))
-  return ImageEncoder(nnx.merge(graphdef, restored["tower"]), batch_size, sharding)
+  tower = training.NnxModel(lambda seed: ImageTower(config, nnx.Rngs(seed)))
+  restored = checkpoints.restore_latest(workdir, {"params": {"tower": tower.abstract_params}})
+  if restored is None:
+    raise errors.MissingError(f"{workdir}/checkpoints holds no complete checkpoint")
+  return ImageEncoder(tower(restored[1]["params"]["tower"]), batch_size, sharding)
 
 
 def class_logits(image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:

@@ -29,6 +29,8 @@ import pathlib
 
 import numpy as np
 
+from dprdm_jax import errors
+
 FILE = "linear_tower.npz"
 
 
@@ -43,10 +45,11 @@ class LinearTower:
     self.image_shape = tuple(int(s) for s in image_shape)
     pixels = int(np.prod(self.image_shape))
     if self.mean.shape != (pixels,) or self.components.shape[0] != pixels:
-      raise ValueError(f"mean {self.mean.shape} and components {self.components.shape} do not fit "
-                       f"images of shape {self.image_shape}")
+      raise errors.InputError(f"mean {self.mean.shape} and components {self.components.shape} do "
+                              f"not fit images of shape {self.image_shape}")
     if self.prompt_weights.shape[1] != self.dim:
-      raise ValueError(f"prompt map {self.prompt_weights.shape} does not end in dim {self.dim}")
+      raise errors.InputError(f"prompt map {self.prompt_weights.shape} does not end in dim "
+                              f"{self.dim}")
 
   @property
   def dim(self) -> int:
@@ -59,8 +62,9 @@ class LinearTower:
   def _pixels(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
-      raise ValueError(f"images must be uint8 of shape (n, {', '.join(map(str, self.image_shape))}"
-                       f"), got {images.dtype} {images.shape}")
+      raise errors.InputError("images must be uint8 of shape (n, "
+                              f"{', '.join(map(str, self.image_shape))}), got {images.dtype} "
+                              f"{images.shape}")
     return images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
 
   def encode_images(self, images: np.ndarray) -> np.ndarray:
@@ -71,7 +75,7 @@ class LinearTower:
     """(n, text_dim) caption embeddings -> (n, dim) unit rows in the image embedding space."""
     t = np.asarray(text_embeddings, np.float32)
     if t.ndim != 2 or t.shape[1] != self.text_dim:
-      raise ValueError(f"text embeddings must be (n, {self.text_dim}), got {t.shape}")
+      raise errors.InputError(f"text embeddings must be (n, {self.text_dim}), got {t.shape}")
     return _unit(np.concatenate([t, np.ones((len(t), 1), np.float32)], 1) @ self.prompt_weights)
 
   def save(self, workdir) -> pathlib.Path:
@@ -98,14 +102,14 @@ def fit(images: np.ndarray, text_embeddings: np.ndarray, dim: int,
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 (n, R, R, C), got {images.dtype} {images.shape}")
+    raise errors.InputError(f"images must be uint8 (n, R, R, C), got {images.dtype} {images.shape}")
   x = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1.0
   if not 1 <= dim <= min(x.shape):
-    raise ValueError(f"dim must lie in [1, {min(x.shape)}] for {x.shape[0]} images of "
-                     f"{x.shape[1]} pixels, got {dim}")
+    raise errors.InputError(f"dim must lie in [1, {min(x.shape)}] for {x.shape[0]} images of "
+                            f"{x.shape[1]} pixels, got {dim}")
   t = np.asarray(text_embeddings, np.float32)
   if t.shape[:1] != (len(x),) or t.ndim != 2:
-    raise ValueError(f"need one text embedding per image, got {t.shape} for {len(x)} images")
+    raise errors.InputError(f"need one text embedding per image, got {t.shape} for {len(x)} images")
   mean = x.mean(axis=0)
   _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
   components = vt[:dim].T
@@ -121,6 +125,6 @@ def load(workdir) -> LinearTower:
   """The tower fitted by `dprdm train-encoder` into `workdir`."""
   path = pathlib.Path(workdir) / FILE
   if not path.is_file():
-    raise FileNotFoundError(f"{path} is missing; run `dprdm train-encoder` first")
+    raise errors.MissingError(f"{path} is missing; run `dprdm train-encoder` first")
   with np.load(path) as f:
     return LinearTower(f["mean"], f["components"], f["prompt_weights"], tuple(f["image_shape"]))

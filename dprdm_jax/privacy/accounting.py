@@ -25,6 +25,8 @@ from dp_accounting import mechanism_calibration
 from dp_accounting import pld
 from dp_accounting import rdp
 
+from dprdm_jax import errors
+
 Accountant = Literal["rdp", "pld"]
 ACCOUNTANTS = ("rdp", "pld")
 NEIGHBORING_RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -38,46 +40,46 @@ PLD_MAX_QUERIES = 10**8
 
 def _check_finite(name: str, value: float) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise ValueError(f"{name} must be a finite number, got {value!r}")
+    raise errors.InputError(f"{name} must be a finite number, got {value!r}")
   return float(value)
 
 
 def check_delta(delta: float) -> float:
   delta = _check_finite("delta", delta)
   if not 0 < delta < 1:
-    raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    raise errors.InputError(f"delta must lie in (0, 1), got {delta}")
   return delta
 
 
 def check_epsilon(epsilon: float) -> float:
   epsilon = _check_finite("epsilon", epsilon)
   if epsilon <= 0:
-    raise ValueError(f"epsilon must be positive, got {epsilon}")
+    raise errors.InputError(f"epsilon must be positive, got {epsilon}")
   return epsilon
 
 
 def check_queries(num_queries: int) -> int:
   if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
-    raise ValueError(f"the number of queries must be an integer >= 1, got {num_queries!r}")
+    raise errors.InputError(f"the number of queries must be an integer >= 1, got {num_queries!r}")
   return num_queries
 
 
 def check_sampling_rate(sampling_rate: float) -> float:
   sampling_rate = _check_finite("sampling_rate (q)", sampling_rate)
   if not 0 < sampling_rate <= 1:
-    raise ValueError(f"sampling_rate (q) must lie in (0, 1], got {sampling_rate}")
+    raise errors.InputError(f"sampling_rate (q) must lie in (0, 1], got {sampling_rate}")
   return sampling_rate
 
 
 def check_neighbors(num_neighbors: int) -> int:
   if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 1:
-    raise ValueError(f"num_neighbors (k) must be an integer >= 1, got {num_neighbors!r}")
+    raise errors.InputError(f"num_neighbors (k) must be an integer >= 1, got {num_neighbors!r}")
   return num_neighbors
 
 
 def check_accountant(accountant: str) -> str:
   if accountant not in ACCOUNTANTS:
-    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    raise errors.InputError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
   return accountant
 
 
@@ -97,7 +99,7 @@ class Mechanism:
   def __post_init__(self):
     noise_std = _check_finite("noise_std (sigma)", self.noise_std)
     if noise_std < 0:
-      raise ValueError(f"noise_std (sigma) must be >= 0, got {noise_std}")
+      raise errors.InputError(f"noise_std (sigma) must be >= 0, got {noise_std}")
     check_neighbors(self.num_neighbors)
     object.__setattr__(self, "noise_std", noise_std)
     object.__setattr__(self, "sampling_rate", check_sampling_rate(self.sampling_rate))
@@ -139,7 +141,7 @@ def history_event(history: History) -> dp_accounting.DpEvent:
   for mechanism, count in items:
     counts[mechanism] += check_queries(count)
   if not counts:
-    raise ValueError("the history holds no queries")
+    raise errors.InputError("the history holds no queries")
   events = [dp_accounting.SelfComposedDpEvent(m.event(), n) for m, n in sorted(counts.items())]
   return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
 
@@ -170,14 +172,14 @@ def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: Accountant) 
   delta = check_delta(delta)
   check_accountant(accountant)
   if accountant == "pld" and _queries(event) > PLD_MAX_QUERIES:
-    raise ValueError(f"the PLD accountant composes at most {PLD_MAX_QUERIES:,} queries here, "
-                     f"this history has {_queries(event):,}; use the RDP accountant")
+    raise errors.InputError(f"the PLD accountant composes at most {PLD_MAX_QUERIES:,} queries "
+                            f"here, this history has {_queries(event):,}; use the RDP accountant")
   try:
     return float(make_accountant(accountant).compose(event).get_epsilon(delta))
   except (MemoryError, OverflowError, ZeroDivisionError, ValueError) as e:
     other = "RDP" if accountant == "pld" else "PLD"
-    raise ValueError(f"the {accountant.upper()} accountant cannot compute this epsilon "
-                     f"({type(e).__name__}: {e}); try the {other} accountant") from None
+    raise errors.InputError(f"the {accountant.upper()} accountant cannot compute this epsilon "
+                            f"({type(e).__name__}: {e}); try the {other} accountant") from None
 
 
 def history_epsilon(history: History, delta: float, accountant: Accountant) -> float:
@@ -199,7 +201,7 @@ def _bracket(meets, guess: float, increasing: bool, lowest: float, highest: floa
     if y == x:
       if ok:
         return None
-      raise ValueError(f"no value in [{lowest:g}, {highest:g}] meets the target")
+      raise errors.InputError(f"no value in [{lowest:g}, {highest:g}] meets the target")
     y_ok = meets(y)
     if y_ok != ok:
       return (x, y) if ok else (y, x)
@@ -238,8 +240,8 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, num_
       target_epsilon
   bracket = _bracket(meets, guess, True, 1e-4, 2.0**20)
   if bracket is None:
-    raise ValueError(f"epsilon {target_epsilon} is met by a noise multiplier of 1e-4; "
-                     "this target protects nothing")
+    raise errors.InputError(f"epsilon {target_epsilon} is met by a noise multiplier of 1e-4; "
+                            "this target protects nothing")
   return _calibrate(lambda z: _single(sampling_rate, z, num_queries), target_epsilon, delta,
                     accountant, bracket)
 
@@ -266,8 +268,8 @@ def max_queries(mechanism: Mechanism, target_epsilon: float, delta: float,
     return 0
   bracket = _bracket(meets, 1, False, 1, 2.0**62)
   if bracket is None:
-    raise ValueError(f"more than 2**62 queries fit in epsilon {target_epsilon}; "
-                     "this budget protects nothing")
+    raise errors.InputError(f"more than 2**62 queries fit in epsilon {target_epsilon}; "
+                            "this budget protects nothing")
   t = _calibrate(make_event, target_epsilon, delta, accountant, bracket, discrete=True)
   while meets(t + 1):  # calibration lands within one query of the boundary, on the good side
     t += 1

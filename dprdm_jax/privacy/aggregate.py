@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dprdm_jax import errors
+
 
 def _clip_scales(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-row factors that scale x (..., d) to L2 norm <= 1, and whether each row is finite."""
@@ -122,12 +124,12 @@ def _aggregate(neighbors, valid, queries, noise_keys, noise_std, interpolation, 
                block_size):
   b, k, d = neighbors.shape
   if valid.shape != (b, k) or queries.shape != (b, d) or noise_keys.shape != (b,):
-    raise ValueError(
+    raise errors.InputError(
         f"shapes disagree: neighbors {neighbors.shape}, valid {valid.shape} (want {(b, k)}), "
         f"queries {queries.shape} (want {(b, d)}), noise_keys {noise_keys.shape} (want {(b,)})")
   if public_neighbors is not None and public_neighbors.shape != neighbors.shape:
-    raise ValueError(f"public_neighbors {public_neighbors.shape} must match neighbors "
-                     f"{neighbors.shape}")
+    raise errors.InputError(f"public_neighbors {public_neighbors.shape} must match neighbors "
+                            f"{neighbors.shape}")
   noise_std = jnp.asarray(noise_std, jnp.float32)
   interpolation = jnp.asarray(interpolation, jnp.float32)
   means = _blocked_clipped_mean(neighbors, valid.astype(bool), block_size)

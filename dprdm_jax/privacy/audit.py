@@ -24,11 +24,16 @@ the proof allows.
 
 A correct mechanism must give epsilon_lower <= epsilon_proved (the accountant's, for the same
 sigma, q, k, T at delta) up to the 5% of audits the confidence allows; `BROKEN` holds deliberately
-broken variants, which the audit must flag (epsilon_lower > epsilon_proved). Membership decided
-by position rather than id is not flagged: with fresh keys the positions' coins are as
-independent as the ids', so the two tables' output distributions are the same; that defect breaks
-the host/device agreement and is caught by tests/retrieval/test_subsample.py instead. The audit
-says so in its output rather than pretending.
+broken variants, which the audit must flag (epsilon_lower > epsilon_proved).
+
+Two defects are beyond any distributional audit of this size, so every variant also gets a
+white-box check of rule R1 (`unsampled_records_matter`): with the same keys, records outside a
+query's subsample are made perfect matches, or deleted, and the released context must not change
+at all. Search of the whole set, then filtering, fails it (an unsampled perfect match displaces a
+sampled record), though its extra leak is at most one more subsampled record's influence, a factor
+well inside the gap between this audit's bounds and the proof; membership by position fails it (a
+deletion shifts the positions, hence the coins, of later records), though with fresh keys its
+output distribution equals the correct one's. The verdict says which test flagged a variant.
 """
 
 import dataclasses
@@ -40,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import aggregate
 from dprdm_jax.privacy import keys as keys_lib
@@ -73,7 +79,7 @@ def tables(k: int, canary_norm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np
   canary (id 0) wins every tie.
   """
   if not 1 <= k <= (DIM - 1) // 2:
-    raise ValueError(f"the audit table fits 1 <= k <= {(DIM - 1) // 2} neighbours, got {k}")
+    raise errors.InputError(f"the audit table fits 1 <= k <= {(DIM - 1) // 2} neighbours, got {k}")
   rows = np.zeros((1 + 2 * k, DIM), np.float32)
   rows[0, 0] = canary_norm
   for j in range(1, k + 1):
@@ -108,6 +114,14 @@ def _approximate_then_filter(table, queries, sub_keys, noise_keys, s: Setting):
                              s.noise_std, 1.0)[:, 0]
 
 
+def _position_membership(table, queries, sub_keys, noise_keys, s: Setting):
+  """Membership decided by each row's position in the table, not by its record id."""
+  by_position = table._replace(ids=jnp.arange(table.ids.shape[0], dtype=jnp.uint32))
+  found = device.private_knn(by_position, queries, sub_keys, s.sampling_rate, s.num_neighbors)
+  return aggregate.aggregate(found.embeddings, found.valid, queries, noise_keys, s.noise_std,
+                             1.0)[:, 0]
+
+
 def _noise_on_the_sum(table, queries, sub_keys, noise_keys, s: Setting):
   """sigma added to the sum of the k neighbours, then divided by k: the mean gets sigma / k."""
   found = device.private_knn(table, queries, sub_keys, s.sampling_rate, s.num_neighbors)
@@ -133,7 +147,41 @@ BROKEN = (
             Setting(0.5, 1.0, 4)),
     Variant("exact search of the whole set, then filtering to the subsample",
             _approximate_then_filter, Setting(0.5, 0.5, 4)),
+    Variant("membership decided by position in the table, not by id", _position_membership,
+            Setting(0.5, 0.5, 4)),
 )
+
+
+def unsampled_records_matter(variant: Variant, s: Setting, queries: int = 8,
+                             seed: int = 0) -> bool:
+  """The white-box check of rule R1: True when changing or deleting records outside a query's
+  subsample changes its released context, keys held fixed.
+
+  A random table of 256 unit rows with ids that are not their positions; for each query, its
+  unsampled rows are replaced by the query itself (a perfect match), and separately deleted. A
+  mechanism that obeys R1 releases bit-identical contexts in all three tables.
+  """
+  rng = np.random.default_rng(seed)
+  rows = rng.normal(size=(256, DIM)).astype(np.float32)
+  rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+  ids = np.sort(rng.choice(2**20, size=len(rows), replace=False)).astype(np.uint32)
+  prompts = rows[rng.choice(len(rows), queries)] + 0.1 * rng.normal(size=(queries, DIM))
+  prompts = (prompts / np.linalg.norm(prompts, axis=1, keepdims=True)).astype(np.float32)
+  sub_keys = keys_lib.query_keys(seed, 0, queries, keys_lib.Stream.SUBSAMPLE)
+  noise_keys = keys_lib.query_keys(seed, 0, queries, keys_lib.Stream.NOISE)
+  member = np.asarray(subsample.membership(sub_keys, jnp.asarray(ids),
+                                           jnp.asarray(subsample.limit(s.sampling_rate))))
+  release = lambda table_rows, table_ids, b: np.asarray(variant.contexts(
+      device.DeviceTable.from_arrays(table_rows, table_ids), jnp.asarray(prompts[b:b + 1]),
+      sub_keys[b:b + 1], noise_keys[b:b + 1], s))
+  for b in range(queries):
+    base, outside = release(rows, ids, b), ~member[b]
+    changed = rows.copy()
+    changed[outside] = prompts[b]
+    if not (np.array_equal(release(changed, ids, b), base)
+            and np.array_equal(release(rows[~outside], ids[~outside], b), base)):
+      return True
+  return False
 
 
 def _orthogonal_to_d(k: int) -> np.ndarray:
@@ -198,10 +246,12 @@ def audit(variant: Variant, s: Setting, delta: float, trials: int = 20_000,
   without = run_world(variant, s, False, trials, int(rng.integers(2**63)))
   lower, score = epsilon_lower(with_canary, without, s.num_neighbors, delta, significance, seed)
   proved = accounting.history_epsilon({s.mechanism: s.num_queries}, delta, "pld")
+  r1_violated = unsampled_records_matter(variant, s, seed=seed)
   return dict(variant=variant.name, noise_std=s.noise_std, sampling_rate=s.sampling_rate,
               num_neighbors=s.num_neighbors, num_queries=s.num_queries, delta=delta,
               trials=trials, significance=significance, epsilon_lower=float(lower), score=score,
-              epsilon_proved=proved, flagged=bool(lower > proved))
+              epsilon_proved=proved, above_proof=bool(lower > proved),
+              r1_violated=r1_violated, flagged=bool(lower > proved or r1_violated))
 
 
 def one_run(s: Setting, delta: float, canaries: int = 1000, significance: float = 0.05,
@@ -229,7 +279,8 @@ def one_run(s: Setting, delta: float, canaries: int = 1000, significance: float 
   return dict(variant="correct, one run", noise_std=s.noise_std, sampling_rate=s.sampling_rate,
               num_neighbors=s.num_neighbors, num_queries=1, delta=delta, trials=canaries,
               significance=significance, epsilon_lower=float(lower), score="on each canary",
-              epsilon_proved=proved, flagged=bool(lower > proved))
+              epsilon_proved=proved, above_proof=bool(lower > proved), r1_violated=None,
+              flagged=bool(lower > proved))
 
 
 # The grid of `dprdm audit`: noise multipliers z = k*sigma/2 from 0.5 to 2, with and without

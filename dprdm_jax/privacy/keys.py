@@ -27,6 +27,8 @@ import enum
 import jax
 import numpy as np
 
+from dprdm_jax import errors
+
 _IMPL = "threefry2x32"
 _WORD = 0xFFFFFFFF
 MAX_QUERIES = 2**64  # query numbers lie in [0, MAX_QUERIES)
@@ -41,7 +43,7 @@ class Stream(enum.IntEnum):
 def root_key(seed: int) -> jax.Array:
   """The root key of a ledger seed (an integer in [0, 2**64))."""
   if not 0 <= seed < 2**64:
-    raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    raise errors.InputError(f"seed must be an integer in [0, 2**64), got {seed}")
   return jax.random.wrap_key_data(np.array([seed >> 32, seed & _WORD], np.uint32), impl=_IMPL)
 
 
@@ -65,11 +67,11 @@ def query_keys(seed: int, first_query: int, count: int, stream: Stream,
   share one.
   """
   if not 0 <= nonce < 2**64:
-    raise ValueError(f"nonce must be an integer in [0, 2**64), got {nonce}")
+    raise errors.InputError(f"nonce must be an integer in [0, 2**64), got {nonce}")
   if count < 1:
-    raise ValueError(f"count must be at least 1, got {count}")
+    raise errors.InputError(f"count must be at least 1, got {count}")
   if first_query < 0 or first_query + count > MAX_QUERIES:
-    raise ValueError(
+    raise errors.InputError(
         f"query numbers must lie in [0, 2**64), got [{first_query}, {first_query + count})")
   t = np.arange(count, dtype=np.uint64) + np.uint64(first_query)
   hi = (t >> np.uint64(32)).astype(np.uint32)

@@ -64,6 +64,7 @@ from typing import Optional
 
 import jax
 
+from dprdm_jax import errors
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import keys
 
@@ -116,7 +117,7 @@ def _link(previous: str, fingerprint: str, row) -> str:
   return hashlib.sha256(f"{previous}|{fingerprint}|{fields}".encode()).hexdigest()
 
 
-class LedgerError(Exception):
+class LedgerError(errors.Error):
   """The ledger file is missing, corrupt, or asked something it cannot answer."""
 
 

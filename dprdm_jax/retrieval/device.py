@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.retrieval import store as store_lib
 from dprdm_jax.retrieval import subsample
 
@@ -67,12 +68,12 @@ class DeviceTable(NamedTuple):
     ids = np.asarray(ids, np.int64)
     n = len(ids)
     if embeddings.shape[0] != n:
-      raise ValueError(f"{embeddings.shape[0]} rows but {n} ids")
+      raise errors.InputError(f"{embeddings.shape[0]} rows but {n} ids")
     if values is not None and values.shape[0] != n:
-      raise ValueError(f"{values.shape[0]} value rows but {n} ids")
+      raise errors.InputError(f"{values.shape[0]} value rows but {n} ids")
     if n and (ids[0] < 0 or ids[-1] >= 2**32 or (np.diff(ids) <= 0).any()):
-      raise ValueError("ids must be unique, ascending and in [0, 2**32): ties go to the lower id "
-                       "and the subsample hashes 32-bit ids")
+      raise errors.InputError("ids must be unique, ascending and in [0, 2**32): ties go to the "
+                              "lower id and the subsample hashes 32-bit ids")
     shards = 1 if mesh is None else mesh.shape[axis]
     pad = -n % shards
     padded = lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x

@@ -33,6 +33,7 @@ import os
 
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import index as index_lib
 from dprdm_jax.retrieval import store as store_lib
@@ -48,7 +49,7 @@ BLOCK_ROWS = 16384
 PAIR_CHUNK = 256
 
 
-class PrivateRetrievalError(ValueError):
+class PrivateRetrievalError(errors.InputError):
   """Private retrieval was asked of something that cannot guarantee rule R1."""
 
 
@@ -196,7 +197,7 @@ class HostRetriever:
     method: "scan", "scann", or "auto" (by the sampling rate; see the module docstring).
     """
     if method not in METHODS:
-      raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+      raise errors.InputError(f"method must be one of {METHODS}, got {method!r}")
     if not index.is_exact:
       raise PrivateRetrievalError(
           "private retrieval needs an exact (brute-force) index: with an approximate index, "
@@ -228,9 +229,10 @@ class HostRetriever:
     """
     queries = np.asarray(queries, np.float32)
     if queries.ndim != 2 or queries.shape[1] != self._index.dim:
-      raise ValueError(f"queries must have shape (B, {self._index.dim}), got {queries.shape}")
+      raise errors.InputError(f"queries must have shape (B, {self._index.dim}), got "
+                              f"{queries.shape}")
     if not np.isfinite(queries).all():
-      raise ValueError("queries hold non-finite values")
+      raise errors.InputError("queries hold non-finite values")
     subsample.limit(sampling_rate)  # refuses a bad rate before any work
     method = self._method
     if method == "auto":

@@ -42,6 +42,8 @@ import ml_dtypes
 import numpy as np
 import scann
 
+from dprdm_jax import errors
+
 FORMAT_VERSION = 1
 MODES = ("auto", "exact", "fast")
 # "auto" builds an exact index below this many rows, a fast one from it on.
@@ -72,7 +74,7 @@ def _is_float(dtype: np.dtype) -> bool:
 
 def _check_positive_int(name: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    raise errors.InputError(f"{name} must be an integer >= 1, got {value!r}")
   return int(value)
 
 
@@ -94,7 +96,7 @@ def index_config(num_rows: int) -> ml_collections.ConfigDict:
 def resolve_mode(mode: str, num_rows: int) -> str:
   """The mode to build: `mode`, or for "auto" "exact" below EXACT_MAX_ROWS rows, else "fast"."""
   if mode not in MODES:
-    raise ValueError(f"index mode must be one of {MODES}, got {mode!r}")
+    raise errors.InputError(f"index mode must be one of {MODES}, got {mode!r}")
   if mode == "auto":
     return "exact" if num_rows < EXACT_MAX_ROWS else "fast"
   return mode
@@ -104,36 +106,36 @@ def _check_config(config: Config, num_rows: int, dim: int) -> dict:
   """The parameters of `config` with the mode resolved, checked against an (N, d) table."""
   params = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   if set(params) != set(_PARAMS):
-    raise ValueError(f"an index config has exactly the fields {sorted(_PARAMS)}; "
-                     f"missing {sorted(set(_PARAMS) - set(params))}, "
-                     f"unknown {sorted(set(params) - set(_PARAMS))}")
+    raise errors.InputError(f"an index config has exactly the fields {sorted(_PARAMS)}; "
+                            f"missing {sorted(set(_PARAMS) - set(params))}, "
+                            f"unknown {sorted(set(params) - set(_PARAMS))}")
   params["mode"] = resolve_mode(params["mode"], num_rows)
   for name in _INT_PARAMS:
     params[name] = _check_positive_int(name, params[name])
   if not isinstance(params["spherical"], bool):
-    raise ValueError(f"spherical must be a bool, got {params['spherical']!r}")
+    raise errors.InputError(f"spherical must be a bool, got {params['spherical']!r}")
   if params["num_leaves_to_search"] > params["num_leaves"]:
-    raise ValueError(f"num_leaves_to_search ({params['num_leaves_to_search']}) exceeds "
-                     f"num_leaves ({params['num_leaves']})")
+    raise errors.InputError(f"num_leaves_to_search ({params['num_leaves_to_search']}) exceeds "
+                            f"num_leaves ({params['num_leaves']})")
   if params["mode"] == "fast":
     trained_on = min(num_rows, params["training_sample_size"])
     if params["num_leaves"] > trained_on:
-      raise ValueError(f"num_leaves ({params['num_leaves']}) exceeds the {trained_on} rows the "
-                       "tree is trained on (min of N and training_sample_size)")
+      raise errors.InputError(f"num_leaves ({params['num_leaves']}) exceeds the {trained_on} rows "
+                              "the tree is trained on (min of N and training_sample_size)")
     if params["dims_per_block"] > dim:
-      raise ValueError(f"dims_per_block ({params['dims_per_block']}) exceeds d ({dim})")
+      raise errors.InputError(f"dims_per_block ({params['dims_per_block']}) exceeds d ({dim})")
   return params
 
 
 def _float32_rows(name: str, x, shape_ok: bool, want: str) -> np.ndarray:
   """x as a contiguous float32 matrix; ValueError unless shape_ok, floating point and finite."""
   if not shape_ok:
-    raise ValueError(f"{name} must have shape {want}, got {np.shape(x)}")
+    raise errors.InputError(f"{name} must have shape {want}, got {np.shape(x)}")
   if not _is_float(x.dtype):
-    raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    raise errors.InputError(f"{name} must be floating point, got {x.dtype}")
   x = np.ascontiguousarray(x, np.float32)
   if not np.isfinite(x).all():
-    raise ValueError(f"{name} hold non-finite values")
+    raise errors.InputError(f"{name} hold non-finite values")
   return x
 
 
@@ -146,17 +148,19 @@ def _check_table(embeddings, ids) -> tuple[np.ndarray, np.ndarray]:
   norms = np.linalg.norm(embeddings, axis=1)
   worst = int(np.argmax(np.abs(norms - 1)))
   if abs(norms[worst] - 1) > _NORM_TOLERANCE:
-    raise ValueError(f"embeddings must be unit-norm rows; row {worst} has norm {norms[worst]:.6g}")
+    raise errors.InputError(f"embeddings must be unit-norm rows; row {worst} has norm "
+                            f"{norms[worst]:.6g}")
   if ids.shape != (len(embeddings),):
-    raise ValueError(f"ids must have shape ({len(embeddings)},), one per row, got {ids.shape}")
+    raise errors.InputError(f"ids must have shape ({len(embeddings)},), one per row, got "
+                            f"{ids.shape}")
   if not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"ids must be integers, got {ids.dtype}")
+    raise errors.InputError(f"ids must be integers, got {ids.dtype}")
   ids = ids.astype(np.int64)  # a uint64 id of 2**63 or more wraps negative and is refused below
   if (ids < 0).any():
-    raise ValueError(f"ids must be >= 0 ({PAD_ID} marks padding) and below 2**63")
+    raise errors.InputError(f"ids must be >= 0 ({PAD_ID} marks padding) and below 2**63")
   unique, counts = np.unique(ids, return_counts=True)
   if len(unique) != len(ids):
-    raise ValueError(f"ids must be unique; {unique[counts > 1][:5].tolist()} repeat")
+    raise errors.InputError(f"ids must be unique; {unique[counts > 1][:5].tolist()} repeat")
   return embeddings, ids
 
 
@@ -315,29 +319,30 @@ class ScannIndex:
     directory = os.fspath(directory)
     manifest_path = os.path.join(directory, _MANIFEST)
     if not os.path.isfile(manifest_path):
-      raise ValueError(f"{directory} is not an index saved by ScannIndex.save: no {_MANIFEST}")
+      raise errors.InputError(f"{directory} is not an index saved by ScannIndex.save: no "
+                              f"{_MANIFEST}")
     try:
       with open(manifest_path) as f:
         manifest = json.load(f)
       version, num_rows, dim = manifest["format_version"], manifest["num_rows"], manifest["dim"]
       config = manifest["config"]
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{manifest_path} is not an index manifest: {e!r}") from e
+      raise errors.InputError(f"{manifest_path} is not an index manifest: {e!r}") from e
     if version != FORMAT_VERSION:
-      raise ValueError(f"{directory} holds index format {version!r}; this code reads "
-                       f"{FORMAT_VERSION}")
+      raise errors.InputError(f"{directory} holds index format {version!r}; this code reads "
+                              f"{FORMAT_VERSION}")
     num_rows, dim = _check_positive_int("num_rows", num_rows), _check_positive_int("dim", dim)
     params = _check_config(config, num_rows, dim)
     if params["mode"] != config["mode"]:
-      raise ValueError(f"{manifest_path} has an unresolved mode {config['mode']!r}")
+      raise errors.InputError(f"{manifest_path} has an unresolved mode {config['mode']!r}")
     ids = np.load(os.path.join(directory, _IDS), allow_pickle=False)
     if ids.dtype != np.int64 or ids.shape != (num_rows,):
-      raise ValueError(f"{directory}/{_IDS} holds {ids.dtype} {ids.shape}, expected int64 "
-                       f"({num_rows},)")
+      raise errors.InputError(f"{directory}/{_IDS} holds {ids.dtype} {ids.shape}, expected int64 "
+                              f"({num_rows},)")
     searcher = scann.scann_ops_pybind.load_searcher(directory, assets_backcompat_shim=False)
     if searcher.size() != num_rows:
-      raise ValueError(f"the ScaNN searcher in {directory} holds {searcher.size()} rows, its "
-                       f"manifest {num_rows}")
+      raise errors.InputError(f"the ScaNN searcher in {directory} holds {searcher.size()} rows, "
+                              f"its manifest {num_rows}")
     logging.info("Loaded the %s ScaNN index over %d x %d embeddings from %s", params["mode"],
                  num_rows, dim, directory)
     return cls(searcher, ids, params, dim)

@@ -13,6 +13,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax.retrieval import index as index_lib
 from dprdm_jax.retrieval import store as store_lib
 
@@ -24,7 +25,7 @@ def training_neighbors(store: store_lib.EmbeddingStore, k: int,
   Cached in the store's parent directory; the cache is keyed by k and the store's fingerprint.
   """
   if not 1 <= k <= len(store):
-    raise ValueError(f"k must lie in [1, {len(store)}], got {k}")
+    raise errors.InputError(f"k must lie in [1, {len(store)}], got {k}")
   cache = pathlib.Path(store.directory).parent / f"neighbors-k{k}.npz"
   if cache.exists():
     cached = np.load(cache)
@@ -36,7 +37,7 @@ def training_neighbors(store: store_lib.EmbeddingStore, k: int,
   found, _ = index.search(embeddings, k)
   positions = np.searchsorted(store.ids, found)
   if (found < 0).any() or not np.array_equal(store.ids[positions], found):
-    raise ValueError("the index returned fewer than k neighbours for some rows")
+    raise errors.InputError("the index returned fewer than k neighbours for some rows")
   # The row itself first: an approximate search or a tie may list it later, or not at all.
   own = np.arange(len(store))[:, None]
   others = np.where(positions == own, -1, positions)

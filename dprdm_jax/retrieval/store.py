@@ -29,12 +29,14 @@ from typing import Optional, Sequence
 import ml_dtypes
 import numpy as np
 
+from dprdm_jax import errors
+
 FORMAT_VERSION = 1
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _MAX_ID = 2**32
 
 
-class StoreError(ValueError):
+class StoreError(errors.InputError):
   """A store directory or the data written to it is not valid."""
 
 

@@ -30,11 +30,13 @@ from jax.extend import random as jax_random
 import jax.numpy as jnp
 import numpy as np
 
+from dprdm_jax import errors
+
 
 def limit(sampling_rate: float) -> np.uint32:
   """The largest hash value that is kept at rate q, in [0, 2**32 - 1]."""
   if not 2.0**-32 <= sampling_rate <= 1.0:
-    raise ValueError(f"sampling rate must lie in [2**-32, 1], got {sampling_rate}")
+    raise errors.InputError(f"sampling rate must lie in [2**-32, 1], got {sampling_rate}")
   return np.uint32(int(sampling_rate * 2**32) - 1)
 
 

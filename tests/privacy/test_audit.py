@@ -21,6 +21,19 @@ def test_the_real_path_stays_below_its_proved_epsilon(setting):
 def test_each_broken_variant_is_flagged(variant):
   r = audit.audit(variant, variant.setting, DELTA, trials=4000)
   assert r["flagged"] and r["epsilon_lower"] > r["epsilon_proved"], r
+  assert not r["r1_violated"]  # these break the noise or the clip, not R1
+
+
+@pytest.mark.parametrize("variant", audit.BROKEN[3:], ids=lambda v: v.name.split(",")[0])
+def test_the_r1_check_flags_what_the_bound_cannot(variant):
+  assert variant.name.startswith(("exact search of the whole set", "membership decided by"))
+  r = audit.audit(variant, variant.setting, DELTA, trials=4000)
+  assert r["flagged"] and r["r1_violated"] and not r["above_proof"], r
+
+
+@pytest.mark.parametrize("q", [0.1, 0.5, 0.9])
+def test_the_r1_check_holds_for_the_real_path(q):
+  assert not audit.unsampled_records_matter(audit.CORRECT, audit.Setting(0.5, q, 4), queries=16)
 
 
 def test_the_one_run_audit_stays_below_the_proof():
@@ -47,3 +60,5 @@ def test_the_cli_prints_the_audit_as_json(capsys):
   rows = json.loads(capsys.readouterr().out)["rows"]
   assert len(rows) == len(audit.GRID) + len(audit.BROKEN) + 1
   assert all(isinstance(r["flagged"], bool) for r in rows)
+  # 200 trials resolve no epsilon above a proof; the R1 check does not need trials.
+  assert [r["r1_violated"] for r in rows] == [False] * (len(audit.GRID) + 3) + [True, True, None]
