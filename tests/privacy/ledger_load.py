@@ -7,7 +7,6 @@ runs the full version (the README's figures); tests/privacy/test_ledger.py runs 
 """
 
 import argparse
-import os
 import pathlib
 import signal
 import subprocess
