@@ -26,10 +26,11 @@ Integrity. Each dataset's charges form a hash chain: a charge's `chain` is the S
 previous link and the charge's fields, the first link hangs off the dataset's fingerprint and
 seed, and the dataset row holds the head and the chain's length. `verify` recomputes it and checks
 everything else a file can get wrong (SQLite's integrity and foreign keys, disjoint query ranges
-below the counter, unique nonces, the composed epsilon within the budget, every cached allowance
-within the budget), so a deleted, edited or reordered charge, a truncated or spliced file, or a
-forged allowance is reported. The chain guards against accidents and careless edits, not against
-someone who can write the file: they hold the seed and can recompute it. `backup` writes a
+below the counter, unique nonces, the per-setting totals equal to the charges' sums, the composed
+epsilon within the budget, every cached allowance within the budget), so a deleted, edited or
+reordered charge, a truncated or spliced file, or a forged allowance is reported. The chain
+guards against accidents and careless edits, not against someone who can write the file: they
+hold the seed and can recompute it. `backup` writes a
 consistent copy through SQLite's online backup API (safe while other processes charge); a restored
 copy never reissues a key (the nonces above), but it forgets the charges made after the copy was
 taken, so restore one only if the private set has answered nothing since.
@@ -48,9 +49,11 @@ ledger and the others ask it.
 
 Cost of a charge. Every setting's allowance (the largest T the whole budget allows it alone,
 `accounting.max_queries`) is computed once, outside the write lock, and cached in the file; a
-count above it is refused at once. Checking a history of one setting then compares integers; a
-mixed history runs the accountant on the composed history inside the transaction (about 0.05 s
-with RDP, 0.3 s with PLD here), bounded by the allowance.
+count above it is refused at once. The history is read from per-setting totals kept in the
+charge's own transaction, and the next query number from an index on the charges' ends, so a
+charge costs the same at the millionth query as at the first. Checking a history of one setting
+then compares integers; a mixed history runs the accountant on the composed history inside the
+transaction (about 0.05 s with RDP, 0.3 s with PLD here), bounded by the allowance.
 """
 
 import contextlib
@@ -68,7 +71,7 @@ from dprdm_jax import errors
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import keys
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE datasets (
   fingerprint TEXT PRIMARY KEY,
@@ -94,6 +97,15 @@ CREATE TABLE charges (
   chain TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX charges_by_dataset ON charges (fingerprint);
+CREATE INDEX charges_by_end ON charges (fingerprint, first_query + count);
+CREATE TABLE totals (
+  fingerprint TEXT NOT NULL REFERENCES datasets(fingerprint),
+  noise_std REAL NOT NULL,
+  sampling_rate REAL NOT NULL,
+  num_neighbors INTEGER NOT NULL,
+  count INTEGER NOT NULL,
+  PRIMARY KEY (fingerprint, noise_std, sampling_rate, num_neighbors)
+);
 CREATE TABLE allowances (
   fingerprint TEXT NOT NULL REFERENCES datasets(fingerprint),
   noise_std REAL NOT NULL,
@@ -197,6 +209,9 @@ class Ledger:
           version = 2
         if version == 2:  # before the hash chain: chain the charges as they stand
           self._migrate_to_chain()
+          version = 3
+        if version == 3:  # before the totals: sum the charges as they stand
+          self._migrate_to_totals()
           self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
           version = _SCHEMA_VERSION
       if version != _SCHEMA_VERSION:
@@ -218,6 +233,15 @@ class Ledger:
         self._db.execute("UPDATE charges SET chain = ? WHERE id = ?", (head, charge_id))
       self._db.execute("UPDATE datasets SET chain_head = ?, chain_length = ? WHERE fingerprint = ?",
                        (head, len(rows), fingerprint))
+
+  def _migrate_to_totals(self) -> None:
+    """Adds the per-setting totals and the index on charge ends (schema 3 -> 4)."""
+    for statement in _SCHEMA.split(";")[:-1]:
+      if "charges_by_end" in statement or "TABLE totals" in statement:
+        self._db.execute(statement)
+    self._db.execute(
+        "INSERT INTO totals SELECT fingerprint, noise_std, sampling_rate, num_neighbors, "
+        "SUM(count) FROM charges GROUP BY fingerprint, noise_std, sampling_rate, num_neighbors")
 
   def _charge_rows(self, fingerprint: str) -> list[tuple]:
     return self._db.execute(
@@ -266,9 +290,12 @@ class Ledger:
     return None if row is None else Budget(fingerprint, *row)
 
   def _history(self, fingerprint: str) -> dict[accounting.Mechanism, int]:
+    """Queries charged per setting, from the totals `charge` keeps in the same transaction as
+    each charge (summing the charges instead made every charge cost time linear in the history:
+    11 ms at 20,000 charges). `verify` checks the totals against the charges."""
     rows = self._db.execute(
-        "SELECT noise_std, sampling_rate, num_neighbors, SUM(count) FROM charges "
-        "WHERE fingerprint = ? GROUP BY noise_std, sampling_rate, num_neighbors", (fingerprint,))
+        "SELECT noise_std, sampling_rate, num_neighbors, count FROM totals WHERE fingerprint = ?",
+        (fingerprint,))
     return {accounting.Mechanism(s, q, k): n for s, q, k, n in rows}
 
   def _allowance(self, budget: Budget, mechanism: accounting.Mechanism) -> int:
@@ -334,6 +361,8 @@ class Ledger:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (fingerprint, *row, link))
         self._db.execute("UPDATE datasets SET next_query = ?, chain_head = ?, chain_length = ? "
                          "WHERE fingerprint = ?", (first + count, link, length + 1, fingerprint))
+        self._db.execute("INSERT INTO totals VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                         "count = count + excluded.count", (fingerprint, *row[:4]))
     if not within:  # nothing was written; the lock is released
       raise self._refusal(budget, history, mechanism, count, allowance)
     return Grant(fingerprint, mechanism, first, count, int(seed), nonce)
@@ -387,9 +416,10 @@ class Ledger:
 
     Checks SQLite's integrity and foreign keys; per dataset, a valid budget, the hash chain of
     its charges (each link, the head and the length), valid mechanisms and counts, disjoint
-    query ranges below the counter, unique nonces, the composed epsilon within the budget, and
-    every cached allowance within the budget (a forged allowance would let a single-setting
-    history overspend). Reads only; runs the accountant once per dataset and allowance.
+    query ranges below the counter, unique nonces, the totals `charge` reads equal to the sums of
+    the charges (a deleted or lowered total would let charges overspend), the composed epsilon
+    within the budget, and every cached allowance within the budget (a forged allowance would let
+    a single-setting history overspend). Reads only; runs the accountant once per dataset and allowance.
     """
     problems = [f"SQLite integrity_check: {r[0]}" for r in
                 self._db.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
@@ -446,6 +476,10 @@ class Ledger:
     if spans and (spans[0][0] < 0 or spans[-1][1] > next_query):
       problems.append(f"{name}: query numbers run to {spans[-1][1]:,} but the counter is at "
                       f"{next_query:,} (rolled back)")
+    totals = self._history(fingerprint)
+    if totals != history:
+      problems.append(f"{name}: its totals ({_describe(totals)}) disagree with its charges "
+                      f"({_describe(history)}); edited, or a row deleted")
     spent = self._spent(budget, history)
     if spent > budget.epsilon_budget:
       problems.append(f"{name}: the charges compose to epsilon {spent:.6g}, over its budget "
@@ -503,6 +537,11 @@ def _check_private(path: str) -> None:
       raise LedgerError(
           f"{name} has mode {mode & 0o777:04o}: a ledger holds the secret seed of its noise, so "
           f"it must be private to its owner; run `chmod 600 {name}` (and check who has copied it)")
+
+
+def _describe(history: dict) -> str:
+  return ", ".join(f"{n:,} queries of sigma={m.noise_std:g}, q={m.sampling_rate:g}, "
+                   f"k={m.num_neighbors}" for m, n in sorted(history.items())) or "none"
 
 
 def _plus(history: dict, mechanism: accounting.Mechanism, count: int) -> dict:

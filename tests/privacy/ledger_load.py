@@ -7,6 +7,7 @@ runs the full version (the README's figures); tests/privacy/test_ledger.py runs 
 """
 
 import argparse
+import contextlib
 import pathlib
 import signal
 import subprocess
@@ -27,8 +28,10 @@ def _spawn(path, out, queries):
                           stderr=subprocess.PIPE, text=True)
 
 
-def run(directory, processes: int, queries: int, kills: int, seed: int = 0) -> dict:
-  """Runs the load and returns what it found (see the module docstring)."""
+def run(directory, processes: int, queries: int, kills: int, seed: int = 0,
+        progress: bool = False) -> dict:
+  """Runs the load and returns what it found (see the module docstring); `progress` prints a
+  line a minute to stderr."""
   directory = pathlib.Path(directory)
   path = directory / "ledger.db"
   with ledger_lib.Ledger(path, create=True) as ledger:
@@ -38,7 +41,13 @@ def run(directory, processes: int, queries: int, kills: int, seed: int = 0) -> d
   rng = np.random.default_rng(seed)
   done_kills, start = 0, time.monotonic()
   lines = lambda out: len(out.read_text().splitlines()) if out.exists() else 0
+  shown = start
   while True:
+    if progress and time.monotonic() - shown >= 60:
+      shown = time.monotonic()
+      print(f"{shown - start:7.0f} s: {sum(lines(out) for out in outs):,} of "
+            f"{processes * queries:,} released, {done_kills} of {kills} kills", file=sys.stderr,
+            flush=True)
     for i, p in enumerate(procs):
       if p.poll() not in (None, 0, -signal.SIGKILL):
         raise RuntimeError(f"worker {i} failed: {p.stderr.read()}")
@@ -82,9 +91,16 @@ def main():
   parser.add_argument("--processes", type=int, default=8)
   parser.add_argument("--queries", type=int, default=10_000)
   parser.add_argument("--kills", type=int, default=100)
+  parser.add_argument("--dir", help="keep the ledger and the released lines here (a new folder) "
+                      "instead of a temporary one")
   args = parser.parse_args()
-  with tempfile.TemporaryDirectory() as directory:
-    result = run(directory, args.processes, args.queries, args.kills)
+  with contextlib.ExitStack() as stack:
+    if args.dir:
+      directory = pathlib.Path(args.dir)
+      directory.mkdir(parents=True)
+    else:
+      directory = stack.enter_context(tempfile.TemporaryDirectory())
+    result = run(directory, args.processes, args.queries, args.kills, progress=True)
   for name, value in result.items():
     print(f"{name:>24}: {value}")
 
