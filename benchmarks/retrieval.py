@@ -79,7 +79,7 @@ import machine_info  # benchmarks/machine_info.py, beside this script
 from dprdm_jax.privacy import keys
 from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import host
-from dprdm_jax.retrieval import index as index_lib
+from dprdm_jax.retrieval import scan_kernel
 from dprdm_jax.retrieval import store as store_lib
 from dprdm_jax.retrieval import subsample
 
@@ -195,14 +195,11 @@ class _Device:
 
 
 class _Host:
-  """Ours, host back-end: `HostRetriever` over an exact ScaNN index of the store."""
+  """Ours, host back-end: `HostRetriever` over the store (memory-mapped), no index."""
 
   def __init__(self, spec: dict):
     store = store_lib.EmbeddingStore(spec["store"], verify=False)
-    config = index_lib.index_config(len(store))
-    config.mode = "exact"
-    self._index = index_lib.ScannIndex.build(store.embeddings, store.ids, config)
-    self._retriever = host.HostRetriever(store, self._index)
+    self._retriever = host.HostRetriever(store)
     self._queries, self._k, self._q = spec["queries"], spec["k"], spec["q"]
     self._keys = keys.query_keys(spec["seed"], 0, len(self._queries), keys.Stream.SUBSAMPLE)
     self._n = len(store)
@@ -217,42 +214,34 @@ class _Host:
   def profile(self, reps: int) -> list[tuple[str, float]]:
     """Seconds per pass inside `retrieve` ("scan" at q <= host.SCAN_MAX_RATE): its stages.
 
-    The membership calls (`subsample.record_membership`, main thread, waited for) and the pair
-    scoring (`host._score_pairs`, on worker threads, summed over them) are wrapped with a timer for
-    these calls only; the rest of the pass is flatnonzero, grouping, top k and the fill, plus any
-    wait for the workers.
+    The kernel calls (`scan_kernel.scan_block`: hashing, membership, scoring and the per-job k
+    best, on worker threads, summed over them) are wrapped with a timer; the rest of the pass is
+    the merge of the jobs' lists and the gather of the neighbours' rows.
     """
-    spent = {"member": 0.0, "score": 0.0}
+    spent = [0.0]
     lock = threading.Lock()
+    original = scan_kernel.scan_block
 
-    def timed(name, fn):
-      def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        with lock:
-          spent[name] += time.perf_counter() - start
-        return out
-      return wrapper
+    def timed(*args):
+      start = time.perf_counter()
+      original(*args)
+      with lock:
+        spent[0] += time.perf_counter() - start
 
-    originals = subsample.record_membership, host._score_pairs  # pylint: disable=protected-access
-    subsample.record_membership = timed("member", originals[0])
-    host._score_pairs = timed("score", originals[1])  # pylint: disable=protected-access
     parts = []
+    scan_kernel.scan_block = timed
     try:
       for _ in range(reps):
-        spent.update(member=0.0, score=0.0)
+        spent[0] = 0.0
         start = time.perf_counter()
         self.run()
-        total = time.perf_counter() - start
-        parts.append((spent["member"], spent["score"], total - spent["member"], total))
+        parts.append((spent[0], time.perf_counter() - start))
     finally:
-      subsample.record_membership, host._score_pairs = originals  # pylint: disable=protected-access
-    member, score, rest, total = (statistics.median(p[i] for p in parts) for i in range(4))
+      scan_kernel.scan_block = original
+    kernel, total = (statistics.median(p[i] for p in parts) for i in range(2))
     workers = host._WORKERS  # pylint: disable=protected-access
     return [
-        (f"keyed-hash membership (B, {host.BLOCK_ROWS}) blocks", member),
-        (f"score sampled pairs ({workers} threads, summed)", score),
-        ("rest of the pass (nonzero, group, top k, fill)", rest),
+        (f"scan kernel: hash, score, k best ({workers} threads, summed)", kernel),
         ("whole pass (wall)", total),
     ]
 

@@ -30,48 +30,29 @@ itself a release of private data.
 import concurrent.futures
 import math
 import os
+from typing import Optional
 
+import jax
 import numpy as np
 
 from dprdm_jax import errors
 from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import index as index_lib
+from dprdm_jax.retrieval import scan_kernel
 from dprdm_jax.retrieval import store as store_lib
 from dprdm_jax.retrieval import subsample
 
 METHODS = ("auto", "scan", "scann")
 # "auto" scans at sampling rates up to this, and searches with ScaNN above it (see `retrieve`).
 SCAN_MAX_RATE = 0.05
-# Records hashed per membership call in the scan: a (BLOCK_ROWS, B) bool block of a few MB.
-BLOCK_ROWS = 16384
-# Sampled pairs scored per gather-and-dot step: their rows and queries (2 * 256 * d floats) stay in
-# the core's cache between the gather and the dot products.
-PAIR_CHUNK = 256
+# Most rows per scan job: each job is one `scan_kernel.scan_block` call with its own k best per
+# query; a table is cut into at least 4 jobs per worker (a multiple of 4 rows each, so that runs
+# of 4 ids stay together), which keeps the workers evenly loaded.
+JOB_ROWS = 1 << 15
 
 
 class PrivateRetrievalError(errors.InputError):
   """Private retrieval was asked of something that cannot guarantee rule R1."""
-
-
-def _score_pairs(embeddings, queries, record, query, out):
-  """out[i] = <embeddings[record[i]], queries[query[i]]> in float32, PAIR_CHUNK pairs at a time.
-
-  The buffers are allocated once per call, and `take` writes into them with mode "clip" (the
-  positions are valid; mode "raise" copies `out` first): a fresh 256-row array per chunk made the
-  loop several times slower when run in the main thread (page faults on each new buffer).
-  """
-  rows = np.empty((PAIR_CHUNK, queries.shape[1]), np.float32)
-  cols = np.empty((PAIR_CHUNK, queries.shape[1]), np.float32)
-  same_dtype = embeddings.dtype == np.float32
-  for lo in range(0, len(record), PAIR_CHUNK):
-    hi = min(lo + PAIR_CHUNK, len(record))
-    x, y = rows[:hi - lo], cols[:hi - lo]
-    if same_dtype:
-      np.take(embeddings, record[lo:hi], axis=0, out=x, mode="clip")
-    else:
-      x[...] = embeddings[record[lo:hi]]
-    np.take(queries, query[lo:hi], axis=0, out=y, mode="clip")
-    np.vecdot(x, y, out=out[lo:hi])
 
 
 def _descending_keys(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -93,12 +74,12 @@ def _decode_scores(keys: np.ndarray) -> np.ndarray:
 
 
 _POOL = None
-# Scoring threads (0: score in the calling thread).
+# Scan threads (0: scan in the calling thread).
 _WORKERS = os.cpu_count() or 1
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-  """Worker threads for scoring (numpy releases the GIL in take and vecdot), one per core."""
+  """Worker threads for the scan (its kernel releases the GIL), one per core."""
   global _POOL
   if _POOL is None:
     _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS,
@@ -106,108 +87,123 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
   return _POOL
 
 
-def scan_top_k(embeddings: np.ndarray, ids: np.ndarray, queries: np.ndarray, subsample_keys,
-               sampling_rate: float, k: int,
-               block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-  """The top k of each query's Poisson subsample by a blocked scan: (positions, scores), (B, k).
+_EMPTY = np.iinfo(np.int64).max  # the position of an empty slot in a best list
+
+
+def scan_top_k(embeddings, ids, queries: np.ndarray, subsample_keys, sampling_rate: float,
+               k: int, job_rows: Optional[int] = None,
+               tile_rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """The top k of each query's Poisson subsample by a scan: (positions, scores), (B, k).
 
   Args:
     embeddings: (N, d) rows (float32, or a dtype numpy casts to it, e.g. bfloat16; a memory map
-      is fine), row i being record ids[i].
-    ids: (N,) record ids, unique, ascending, in [0, 2**32).
+      is fine), row i being record ids[i]; or a list of such arrays (a store's shards), read in
+      place and numbered in order.
+    ids: (N,) record ids, unique, ascending, in [0, 2**32); or a list, one per shard.
     queries: (B, d) finite float32 queries.
     subsample_keys: (B,) keys from `keys.query_keys(..., Stream.SUBSAMPLE)`.
     sampling_rate: q.
     k: neighbours per query.
-    block_rows: records hashed per membership call (a multiple of 1024 keeps compilations few).
+    job_rows: rows per kernel call (the unit of work of a scan thread); by default JOB_ROWS or
+      fewer, so that every worker gets 4 jobs.
+    tile_rows: rows the kernel checks every query against at a time (a multiple of 4; by
+      default about `scan_kernel.TILE_BYTES` of rows).
 
   Returns:
-    positions: (B, k) int64 rows of `embeddings`, best first, 0 in invalid slots.
+    positions: (B, k) int64 rows of the table (shards numbered in order), best first, 0 in
+      invalid slots.
     scores: (B, k) float32, best first, -inf in invalid slots (the subsample had fewer than k).
 
   Formal guarantee (R1): a score is computed only for a (record, query) pair whose membership is
   true, and the answer is the exact top k of those scores with ties to the lower position (the
-  lower id): a function of the query, its key and the records of its subsample alone. Time and
-  memory grow with the subsample sizes (O(q*N*B) pairs held at once).
+  lower id): a function of the query, its key and the records of its subsample alone
+  (`scan_kernel`). Memory: O(B*k) per job beside the rows, at any N; a bfloat16 job's rows are
+  converted to float32 one job at a time.
   """
-  n, b = len(ids), len(queries)
+  shards = list(zip(ids, embeddings)) if isinstance(embeddings, (list, tuple)) else [
+      (ids, embeddings)]
   queries = np.ascontiguousarray(queries, np.float32)
+  b, dim = queries.shape
   keep = subsample.limit(sampling_rate)
-  ids32 = np.asarray(ids).astype(np.uint32)
-  block = max(1, min(block_rows, -(-n // 1024) * 1024))
+  key_words = np.ascontiguousarray(jax.random.key_data(subsample_keys), np.uint32)
+  tile = scan_kernel.tile_rows(dim) if tile_rows is None else tile_rows
+  if job_rows is None:
+    total = sum(len(shard_ids) for shard_ids, _ in shards)
+    share = -(-total // (4 * max(1, _WORKERS)))  # rows per job for 4 jobs per worker
+    job_rows = min(JOB_ROWS, max(tile, -(-share // 4) * 4))
 
-  def hash_block(start):
-    part = ids32[start:start + block]
-    if len(part) < block:  # a fixed shape: one compilation; the padding ids are cut off below
-      part = np.concatenate([part, np.zeros(block - len(part), np.uint32)])
-    return subsample.record_membership(subsample_keys, part, keep)
+  def job(rows, part_ids, first_position):
+    scores = np.full((b, k), -np.inf, np.float32)
+    positions = np.full((b, k), _EMPTY, np.int64)
+    scan_kernel.scan_block(key_words, queries, np.ascontiguousarray(rows, np.float32),
+                           np.ascontiguousarray(part_ids, np.uint32), first_position, keep, tile,
+                           scores, positions)
+    return scores, positions
 
-  records, queries_of, scores, jobs = [], [], [], []
-  pending = hash_block(0) if n else None
-  for start in range(0, n, block):
-    member = np.asarray(pending)[:min(block, n - start)]
-    if start + block < n:
-      pending = hash_block(start + block)
-    flat = np.flatnonzero(member)  # pairs in record order, then query order
-    record, query = np.divmod(flat, b)
-    record += start
-    out = np.empty(len(flat), np.float32)
-    if _WORKERS == 0:
-      _score_pairs(embeddings, queries, record, query, out)
-    else:  # one job per worker, so that a table of one block also uses every core
-      cuts = np.linspace(0, len(flat), _WORKERS + 1).astype(int)
-      for lo, hi in zip(cuts[:-1], cuts[1:]):
-        if hi > lo:
-          jobs.append(_pool().submit(_score_pairs, embeddings, queries, record[lo:hi],
-                                     query[lo:hi], out[lo:hi]))
-    records.append(record)
-    queries_of.append(query)
-    scores.append(out)
-  for job in jobs:
-    job.result()
-  record = np.concatenate(records) if records else np.zeros(0, np.int64)
-  query = np.concatenate(queries_of) if queries_of else np.zeros(0, np.int64)
-  keys = _descending_keys(np.concatenate(scores) if scores else np.zeros(0, np.float32), record)
-  # Group the pairs by query (a stable radix sort on 16-bit query numbers), then keep each query's
-  # k smallest keys: its k best scores, ties to the lower position.
-  order = np.argsort(query.astype(np.uint16) if b <= 2**16 else query, kind="stable")
-  keys = keys[order]
-  ends = np.cumsum(np.bincount(query, minlength=b))
-  best_positions = np.zeros((b, k), np.int64)
-  best_scores = np.full((b, k), -np.inf, np.float32)
-  for i in range(b):
-    own = keys[ends[i - 1] if i else 0:ends[i]]
-    if len(own) > k:
-      own = np.partition(own, k - 1)[:k]
-    own = np.sort(own)
-    best_positions[i, :len(own)] = own & np.uint64(0xFFFFFFFF)
-    best_scores[i, :len(own)] = _decode_scores(own)
+  jobs, offset = [], 0
+  for shard_ids, rows in shards:
+    for start in range(0, len(shard_ids), job_rows):
+      args = (rows[start:start + job_rows], shard_ids[start:start + job_rows], offset + start)
+      jobs.append(_pool().submit(job, *args) if _WORKERS else _Done(job(*args)))
+    offset += len(shard_ids)
+  results = [j.result() for j in jobs]
+  if not results:
+    return np.zeros((b, k), np.int64), np.full((b, k), -np.inf, np.float32)
+  scores = np.concatenate([r[0] for r in results], axis=1)
+  positions = np.concatenate([r[1] for r in results], axis=1)
+  # Merge the jobs' lists: the k best of each row by (score down, position up).
+  empty = positions == _EMPTY
+  keys = np.where(empty, np.iinfo(np.uint64).max,
+                  _descending_keys(scores, np.where(empty, 0, positions)))
+  best = np.sort(keys, axis=1)[:, :k]
+  valid = best != np.iinfo(np.uint64).max
+  best_positions = np.where(valid, best & np.uint64(0xFFFFFFFF), 0).astype(np.int64)
+  best_scores = np.where(valid, _decode_scores(best), -np.inf).astype(np.float32)
   return best_positions, best_scores
+
+
+class _Done:
+  """A finished result with a future's `result()`, for the single-threaded scan."""
+
+  def __init__(self, value):
+    self._value = value
+
+  def result(self):
+    return self._value
 
 
 class HostRetriever:
   """Exact private k-NN over an embedding store: a blocked scan, or a brute-force ScaNN index."""
 
-  def __init__(self, store: store_lib.EmbeddingStore, index: index_lib.ScannIndex,
-               margin: float = 2.0, method: str = "auto"):
-    """Pairs a store with its exact index; PrivateRetrievalError for an approximate index.
+  def __init__(self, store: store_lib.EmbeddingStore,
+               index: Optional[index_lib.ScannIndex] = None, margin: float = 2.0,
+               method: str = "auto"):
+    """A retriever over `store`; PrivateRetrievalError for an approximate index.
 
+    index: an exact ScaNN index of the same store, for "scann" only. The scan reads the store's
+      rows where they are (a memory map), so without an index the retriever holds no copy of
+      the table: about 1x its size in memory at any N.
     margin: for "scann", candidates per query are about margin * k / q, so that the first search
       usually finds k members (a Binomial(C, q) count with mean margin * k).
-    method: "scan", "scann", or "auto" (by the sampling rate; see the module docstring).
+    method: "scan", "scann" (needs the index), or "auto": "scann" above SCAN_MAX_RATE when there
+      is an index, "scan" otherwise (see the module docstring).
     """
     if method not in METHODS:
       raise errors.InputError(f"method must be one of {METHODS}, got {method!r}")
-    if not index.is_exact:
-      raise PrivateRetrievalError(
-          "private retrieval needs an exact (brute-force) index: with an approximate index, "
-          "records outside the subsample can displace sampled ones (rule R1), and a tree or "
-          "quantiser trained on the private embeddings is itself a release of them; build the "
-          "index with mode 'exact'")
     self._ids = store.ids
-    if not np.array_equal(index.ids, self._ids):
-      raise PrivateRetrievalError("the index was not built from this store (record ids differ)")
-    self._embeddings = store.embeddings
+    if index is not None:
+      if not index.is_exact:
+        raise PrivateRetrievalError(
+            "private retrieval needs an exact (brute-force) index: with an approximate index, "
+            "records outside the subsample can displace sampled ones (rule R1), and a tree or "
+            "quantiser trained on the private embeddings is itself a release of them; build the "
+            "index with mode 'exact'")
+      if not np.array_equal(index.ids, self._ids):
+        raise PrivateRetrievalError("the index was not built from this store (record ids differ)")
+    elif method == "scann":
+      raise errors.InputError("method 'scann' needs an exact ScaNN index of the store")
+    self._store = store
+    self._dim = store.dim
     self._index = index
     self._margin = margin
     self._method = method
@@ -228,22 +224,23 @@ class HostRetriever:
     Guarantee: R1, as in the module docstring.
     """
     queries = np.asarray(queries, np.float32)
-    if queries.ndim != 2 or queries.shape[1] != self._index.dim:
-      raise errors.InputError(f"queries must have shape (B, {self._index.dim}), got "
+    if queries.ndim != 2 or queries.shape[1] != self._dim:
+      raise errors.InputError(f"queries must have shape (B, {self._dim}), got "
                               f"{queries.shape}")
     if not np.isfinite(queries).all():
       raise errors.InputError("queries hold non-finite values")
     subsample.limit(sampling_rate)  # refuses a bad rate before any work
     method = self._method
     if method == "auto":
-      method = "scan" if sampling_rate <= SCAN_MAX_RATE else "scann"
+      method = "scann" if sampling_rate > SCAN_MAX_RATE and self._index is not None else "scan"
     if method == "scan":
-      positions, scores = scan_top_k(self._embeddings, self._ids, queries, subsample_keys,
-                                     sampling_rate, k)
+      shards = self._store.shards
+      positions, scores = scan_top_k([rows for _, rows in shards], [ids for ids, _ in shards],
+                                     queries, subsample_keys, sampling_rate, k)
       valid = scores > -np.inf
-      embeddings = np.asarray(self._embeddings[positions.ravel()], np.float32).reshape(
-          positions.shape + (queries.shape[1],))
-      return device.Neighbors(np.where(valid[..., None], embeddings, 0.0),
+      embeddings = self._store.take(positions.ravel()).reshape(positions.shape + (self._dim,))
+      embeddings[~valid] = 0.0
+      return device.Neighbors(embeddings,
                               np.where(valid, self._ids[positions], 0).astype(np.uint32), valid,
                               scores)
     return self._retrieve_scann(queries, subsample_keys, sampling_rate, k)
@@ -279,4 +276,4 @@ class HostRetriever:
     out.ids[query, :j] = ids
     out.valid[query, :j] = True
     out.scores[query, :j] = scores
-    out.embeddings[query, :j] = self._embeddings[np.searchsorted(self._ids, ids)]
+    out.embeddings[query, :j] = self._store.take(np.searchsorted(self._ids, ids))

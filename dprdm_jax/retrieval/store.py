@@ -179,6 +179,27 @@ class EmbeddingStore:
     return np.concatenate([x for _, x in self._shards])
 
   @property
+  def shards(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (ids, rows) of each shard, in id order: memory maps, nothing copied."""
+    return list(self._shards)
+
+  def take(self, positions: np.ndarray) -> np.ndarray:
+    """(len(positions), d) float32 rows at table positions (shards numbered in order), read from
+    the shards in place: a multi-shard store is never concatenated."""
+    positions = np.asarray(positions, np.int64)
+    out = np.empty((len(positions), self.dim), np.float32)
+    start = 0
+    for ids, rows in self._shards:
+      rows = np.asarray(rows)  # the mapped array without np.memmap's per-item overhead
+      if len(self._shards) == 1:
+        out[...] = rows[positions]
+      else:
+        inside = (positions >= start) & (positions < start + len(ids))
+        out[inside] = rows[positions[inside] - start]
+      start += len(ids)
+    return out
+
+  @property
   def payload(self) -> Optional[list[str]]:
     """The per-record strings, in id order, or None."""
     if not self._has_payload:

@@ -98,18 +98,23 @@ def test_bfloat16_store_gives_the_same_neighbours_on_host_and_device(tmp_path, m
   np.testing.assert_array_equal(as_int_ids(on_host), as_int_ids(on_device))
 
 
-@pytest.mark.parametrize("block_rows", [1, 64, 1000, 4096])
-def test_scan_over_blocks_is_the_exact_top_k_of_the_materialised_subsample(block_rows):
-  """Blocks of any size (a padded last block included) give the brute-force answer, ties too."""
+@pytest.mark.parametrize("job_rows,tile_rows", [(1, 4), (64, 12), (1000, 64), (4096, 4096)])
+@pytest.mark.parametrize("id_layout", ["scattered", "dense", "dense from 2"])
+def test_scan_over_jobs_and_tiles_is_the_exact_top_k_of_the_materialised_subsample(
+    job_rows, tile_rows, id_layout):
+  """Jobs and tiles of any size (partial ones included), over ids that hash one by one or four
+  to a block (and runs that start off a multiple of 4), give the brute-force answer, ties too."""
   rng = np.random.default_rng(9)
   n, d, b, k, q = 1000, 16, 7, 8, 0.1
   rows = ref.sign_rows(rng, n, d)
-  rows[300:340] = rows[5]  # ties across blocks, to the lower id
-  ids = np.sort(rng.choice(2**32, n, replace=False))
+  rows[300:340] = rows[5]  # ties across jobs, to the lower id
+  ids = {"scattered": np.sort(rng.choice(2**32, n, replace=False)), "dense": np.arange(n),
+         "dense from 2": np.arange(n) + 2}[id_layout]
   queries = ref.sign_rows(rng, b, d)
   queries[0] = rows[5]
   keys = ref.subsample_keys(b, first=3)
-  positions, scores = host.scan_top_k(rows, ids, queries, keys, q, k, block_rows=block_rows)
+  positions, scores = host.scan_top_k(rows, ids, queries, keys, q, k, job_rows=job_rows,
+                                      tile_rows=tile_rows)
   expected_ids, expected_scores = ref.materialised_top_k(rows, ids, queries,
                                                           ref.members(ids, keys, q), k)
   valid = scores > -np.inf
@@ -126,15 +131,15 @@ def test_scan_ignores_unsampled_records():
   ids = np.arange(n) * 3
   queries = rng.normal(size=(2, d)).astype(np.float32)
   keys = ref.subsample_keys(2, first=41)
-  base_positions, base_scores = host.scan_top_k(rows, ids, queries, keys, q, k, block_rows=128)
+  base_positions, base_scores = host.scan_top_k(rows, ids, queries, keys, q, k, job_rows=128)
   outside = ~(ref.members(ids, keys, q).any(axis=0))
   changed = rows.copy()
   changed[outside] = queries[0] * 100
-  positions, scores = host.scan_top_k(changed, ids, queries, keys, q, k, block_rows=128)
+  positions, scores = host.scan_top_k(changed, ids, queries, keys, q, k, job_rows=128)
   np.testing.assert_array_equal(positions, base_positions)
   np.testing.assert_array_equal(scores, base_scores)
   kept = ~outside
-  positions, scores = host.scan_top_k(rows[kept], ids[kept], queries, keys, q, k, block_rows=128)
+  positions, scores = host.scan_top_k(rows[kept], ids[kept], queries, keys, q, k, job_rows=128)
   np.testing.assert_array_equal(ids[kept][positions], ids[base_positions])
   np.testing.assert_array_equal(scores, base_scores)
   positions, scores = host.scan_top_k(rows[:3], ids[:3], queries, keys, 2.0**-32, k)
@@ -183,3 +188,17 @@ def test_auto_picks_the_scan_at_small_rates_and_both_agree(tmp_path, monkeypatch
     assert bool(calls) == (q <= host.SCAN_MAX_RATE)
     scann = host.HostRetriever(store, index, method="scann").retrieve(queries, keys, q, 10)
     np.testing.assert_array_equal(as_int_ids(auto), as_int_ids(scann))
+
+
+def test_without_an_index_the_scan_answers_and_scann_is_refused(tmp_path):
+  rng = np.random.default_rng(14)
+  rows = rng.normal(size=(3000, 16)).astype(np.float32)
+  store, index = make(tmp_path, rows, np.arange(3000))
+  queries = rng.normal(size=(4, 16)).astype(np.float32)
+  keys = ref.subsample_keys(4)
+  for q in (0.02, 0.3):  # "auto" scans at every rate when there is no index
+    alone = host.HostRetriever(store).retrieve(queries, keys, q, 8)
+    with_index = host.HostRetriever(store, index, method="scann").retrieve(queries, keys, q, 8)
+    np.testing.assert_array_equal(as_int_ids(alone), as_int_ids(with_index))
+  with pytest.raises(ValueError, match="needs an exact ScaNN index"):
+    host.HostRetriever(store, method="scann")
