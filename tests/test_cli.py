@@ -105,7 +105,9 @@ def test_budget_verify_and_backup(capsys, tmp_path):
   db.close()
   status, _, err = dprdm(capsys, "budget", "verify", "--ledger", str(path))
   assert status == 2 and err.count("\n") == 1
-  assert "failed verification, 1 problem(s)" in err and "does not match the hash chain" in err
+  # The edit breaks the hash chain and disagrees with the per-setting totals.
+  assert "failed verification, 2 problem(s)" in err and "does not match the hash chain" in err
+  assert "disagree with its charges" in err
 
 
 def test_audit_refuses_bad_input(capsys):

@@ -10,8 +10,8 @@ A store is a directory:
 Record ids are integers in [0, 2**32), unique, and stored in ascending order, so that a record's
 position and its id order agree: both retrieval back-ends break score ties by the lower id.
 Rows are L2-normalised when written; a zero row, a non-finite value or a row of the wrong width is
-refused. Ids are 32-bit because the Poisson subsample (`subsample`) hashes them, one keyed 32-bit
-hash per (query, record).
+refused. Ids are 32-bit because the Poisson subsample (`subsample`) hashes them with a keyed
+pseudorandom function.
 
 The fingerprint is a SHA-256 over the format, the dtype, d, all ids and all embedding bytes in id
 order (the shard layout does not enter it). The budget ledger keys a dataset's privacy budget by
@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -81,8 +81,9 @@ def _fingerprint(dtype: str, dim: int, shards) -> str:
   h = hashlib.sha256(f"dprdm-store v{FORMAT_VERSION} {dtype} d={dim}\n".encode())
   for ids, _ in shards:
     h.update(np.ascontiguousarray(ids, "<i8").tobytes())
-  for _, embeddings in shards:
-    h.update(np.ascontiguousarray(embeddings).tobytes())
+  for _, embeddings in shards:  # in slices: a memory-mapped shard is never copied whole
+    for start in range(0, len(embeddings), 1 << 16):
+      h.update(np.ascontiguousarray(embeddings[start:start + (1 << 16)]).tobytes())
   return h.hexdigest()
 
 
@@ -128,34 +129,65 @@ class EmbeddingStore:
     ids default to 0..N-1; rows are reordered so that ids ascend. The directory must not hold a
     store already. Raises StoreError on invalid input.
     """
-    if dtype not in _DTYPES:
-      raise StoreError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     x = normalise_rows(embeddings)
-    n, dim = x.shape
+    n = len(x)
     ids = _check_ids(np.arange(n) if ids is None else ids, n)
     if payload is not None and len(payload) != n:
       raise StoreError(f"payload has {len(payload)} entries for {n} rows")
+    if shard_rows < 1:
+      raise StoreError(f"shard_rows must be >= 1, got {shard_rows}")
     order = np.argsort(ids, kind="stable")
-    ids, x = ids[order], x[order].astype(_DTYPES[dtype])
+    ids, x = ids[order], x[order]
+    starts = range(0, max(n, 1), shard_rows)
+    texts = None if payload is None else [
+        [str(payload[j]) for j in order[s:s + shard_rows]] for s in starts]
+    return cls.write_shards(directory, ((ids[s:s + shard_rows], x[s:s + shard_rows])
+                                        for s in starts), x.shape[1], dtype, texts)
+
+  @classmethod
+  def write_shards(cls, directory, shards: Iterable[tuple[np.ndarray, np.ndarray]], dim: int,
+                   dtype: str = "float32",
+                   payload: Optional[Sequence[Sequence[str]]] = None) -> "EmbeddingStore":
+    """Writes a store shard by shard from (ids, rows) pairs and opens it: a table larger than
+    memory is written with one shard in memory at a time.
+
+    Each shard's rows are L2-normalised; its ids must ascend and follow the previous shard's.
+    payload: one list of strings per shard, or None. The fingerprint is computed at the end by
+    reading the shards back. Raises StoreError on invalid input; a directory without the final
+    manifest is not a store.
+    """
+    if dtype not in _DTYPES:
+      raise StoreError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     directory = pathlib.Path(directory)
     if (directory / "manifest.json").exists():
       raise StoreError(f"{directory} already holds a store")
     directory.mkdir(parents=True, exist_ok=True)
-    if shard_rows < 1:
-      raise StoreError(f"shard_rows must be >= 1, got {shard_rows}")
-    starts = range(0, max(n, 1), shard_rows)
-    shards = [(ids[s:s + shard_rows], x[s:s + shard_rows]) for s in starts]
-    for i, (shard_ids, shard_x) in enumerate(shards):
+    sizes, last = [], -1
+    for i, (shard_ids, rows) in enumerate(shards):
+      rows = normalise_rows(rows) if len(rows) else np.zeros((0, dim), np.float32)
+      if rows.shape[1] != dim:
+        raise StoreError(f"shard {i} has rows of width {rows.shape[1]}, not {dim}")
+      shard_ids = _check_ids(shard_ids, len(rows))
+      if len(shard_ids) and (shard_ids[0] <= last or (np.diff(shard_ids) <= 0).any()):
+        raise StoreError(f"the ids of shard {i} do not ascend from the previous shard's")
+      last = shard_ids[-1] if len(shard_ids) else last
+      rows = rows.astype(_DTYPES[dtype])
       np.save(directory / _shard_name("ids", i, "npy"), shard_ids)
-      np.save(directory / _shard_name("embeddings", i, "npy"), shard_x.view(
-          np.uint16) if dtype == "bfloat16" else shard_x)
+      np.save(directory / _shard_name("embeddings", i, "npy"),
+              rows.view(np.uint16) if dtype == "bfloat16" else rows)
       if payload is not None:
-        texts = [str(payload[j]) for j in order[i * shard_rows:(i + 1) * shard_rows]]
-        (directory / _shard_name("payload", i, "json")).write_text(json.dumps(texts))
-    manifest = {"format": "dprdm-embedding-store", "version": FORMAT_VERSION, "num_rows": n,
-                "dim": dim, "dtype": dtype, "shard_rows": [len(s[0]) for s in shards],
+        if len(payload[i]) != len(rows):
+          raise StoreError(f"payload of shard {i} has {len(payload[i])} entries for {len(rows)}")
+        (directory / _shard_name("payload", i, "json")).write_text(json.dumps(list(payload[i])))
+      sizes.append(len(rows))
+    written = [(np.load(directory / _shard_name("ids", i, "npy"), mmap_mode="r"),
+                np.load(directory / _shard_name("embeddings", i, "npy"), mmap_mode="r"))
+               for i in range(len(sizes))]
+    manifest = {"format": "dprdm-embedding-store", "version": FORMAT_VERSION,
+                "num_rows": sum(sizes), "dim": dim, "dtype": dtype, "shard_rows": sizes,
                 "payload": payload is not None,
-                "fingerprint": _fingerprint(dtype, dim, shards)}
+                "fingerprint": _fingerprint(dtype, dim, written)}
+    del written
     # The manifest is written last, atomically: a directory without one is not a store.
     tmp = directory / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

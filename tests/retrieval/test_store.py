@@ -91,3 +91,23 @@ def test_bad_shapes_ids_and_directories_are_refused(tmp_path):
   (tmp_path / "g" / "manifest.json").write_text(json.dumps({"format": "other"}))
   with pytest.raises(store_lib.StoreError, match="not a version-1"):
     store_lib.EmbeddingStore(tmp_path / "g")
+
+
+def test_written_shard_by_shard_it_equals_the_store_written_at_once(tmp_path):
+  rng = np.random.default_rng(21)
+  x = rng.normal(size=(250, 8)).astype(np.float32)
+  ids = np.sort(rng.choice(10**6, 250, replace=False))
+  whole = store_lib.EmbeddingStore.write(tmp_path / "whole", x, ids, shard_rows=100)
+  parts = store_lib.EmbeddingStore.write_shards(
+      tmp_path / "parts", ((ids[s:s + 60], x[s:s + 60]) for s in range(0, 250, 60)), 8)
+  assert parts.fingerprint == whole.fingerprint and len(parts.shards) == 5
+  np.testing.assert_array_equal(parts.ids, whole.ids)
+  np.testing.assert_array_equal(parts.embeddings, whole.embeddings)
+  np.testing.assert_array_equal(parts.take(np.array([249, 0, 61, 120])),
+                                whole.embeddings[[249, 0, 61, 120]])
+  with pytest.raises(store_lib.StoreError, match="do not ascend"):
+    store_lib.EmbeddingStore.write_shards(
+        tmp_path / "bad", [(ids[60:120], x[60:120]), (ids[:60], x[:60])], 8)
+  with pytest.raises(store_lib.StoreError, match="width"):
+    store_lib.EmbeddingStore.write_shards(tmp_path / "narrow", [(ids[:60], x[:60, :4])], 8)
+  assert not (tmp_path / "bad" / "manifest.json").exists()

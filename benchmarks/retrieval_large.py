@@ -1,0 +1,213 @@
+"""Private k-NN over a table larger than the other benchmarks': ours (host) against faiss (a).
+
+What is measured: N = 10^7 unit-norm float32 rows of d = 384 (15.4 GB, 64% of this machine's
+memory), B = 256 queries, k = 16, q = 0.01, as in benchmarks/retrieval.py, by
+
+- ours, host: `host.HostRetriever` over the `EmbeddingStore`, read in place (memory-mapped
+  shards of 10^6 rows; the kernel scans them, nothing is copied);
+- faiss (a): the DP-RDM authors' search, faiss `IndexFlatIP` holding the rows, one `search` per
+  query with `IDSelectorBatch` of our subsample's ids (computed untimed with
+  `subsample.membership`); building the selector and searching are timed.
+
+The table does not fit in memory twice, so unlike benchmarks/retrieval.py the two run one after
+the other, each in a process of its own (ours first, with the store's pages in the page cache;
+then faiss, whose copy of the rows evicts them): each figure is the median of --reps passes after
+--warmup, and the ratio compares medians taken minutes apart on the same machine. Peak memory is
+each process's VmHWM over the timed passes (reset after the warm-up), against the raw table.
+The script checks that both return the same ids slot by slot (ties within --tie_tolerance aside).
+
+  python benchmarks/retrieval_large.py                 # ~25 min, most of it writing the store
+  python benchmarks/retrieval_large.py --n=1000000     # a 2-minute check
+
+The store is written once to --workdir (default: TMPDIR) by `EmbeddingStore.write_shards`, one
+shard in memory at a time, and kept there (--keep) or deleted at the end.
+"""
+
+import datetime
+import multiprocessing
+import os
+import pathlib
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+import machine_info  # benchmarks/machine_info.py, beside this script
+
+_N = flags.DEFINE_integer("n", 10_000_000, "Rows N.")
+_DIM = flags.DEFINE_integer("dim", 384, "Embedding size d.")
+_SHARD_ROWS = flags.DEFINE_integer("shard_rows", 1_000_000, "Rows per store shard.")
+_BATCH = flags.DEFINE_integer("batch", 256, "Queries per pass (B).")
+_NEIGHBORS = flags.DEFINE_integer("neighbors", 16, "Neighbours per query (k).")
+_SAMPLING_RATE = flags.DEFINE_float("sampling_rate", 0.01, "Poisson subsampling rate q.")
+_REPS = flags.DEFINE_integer("reps", 3, "Timed passes per contender (median taken).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed passes before timing.")
+_TIE_TOLERANCE = flags.DEFINE_float("tie_tolerance", 1e-6,
+                                    "Slots whose ids differ count as ties below this score gap.")
+_SEED = flags.DEFINE_integer("seed", 20240601, "Seed of the data, the queries and the keys.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the store goes (default: TMPDIR).")
+_KEEP = flags.DEFINE_bool("keep", False, "Keep the store (and reuse one found there).")
+_GIB = 2**30
+
+
+def _cpu_seconds() -> float:
+  """CPU seconds of this process and its joined children (the contenders)."""
+  return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                               resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def _vm(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def _reset_peak():
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def _unit_rows(rng, shape):
+  x = rng.standard_normal(shape, dtype=np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _write(directory: pathlib.Path, n: int, d: int, shard_rows: int, seed: int) -> float:
+  from dprdm_jax.retrieval import store as store_lib  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  shards = ((np.arange(s, min(s + shard_rows, n)),
+             _unit_rows(np.random.default_rng([seed, s]), (min(shard_rows, n - s), d)))
+            for s in range(0, n, shard_rows))
+  store_lib.EmbeddingStore.write_shards(directory, shards, d)
+  return time.perf_counter() - start
+
+
+def _contender(conn, kind: str, spec: dict):
+  """One process: sets up `kind`, runs the passes, sends times, memory and the result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dprdm_jax.privacy import keys  # pylint: disable=g-import-not-at-top
+  from dprdm_jax.retrieval import host  # pylint: disable=g-import-not-at-top
+  from dprdm_jax.retrieval import store as store_lib  # pylint: disable=g-import-not-at-top
+  from dprdm_jax.retrieval import subsample  # pylint: disable=g-import-not-at-top
+  store = store_lib.EmbeddingStore(spec["store"], verify=False)
+  b, k, q, queries = spec["b"], spec["k"], spec["q"], spec["queries"]
+  sub_keys = keys.query_keys(spec["seed"], 0, b, keys.Stream.SUBSAMPLE)
+  base = _vm("VmRSS")
+  start = time.perf_counter()
+  if kind == "ours":
+    retriever = host.HostRetriever(store)
+
+    def run():
+      found = retriever.retrieve(queries, sub_keys, q, k)
+      return found.ids.astype(np.int64), found.scores, found.valid
+  else:
+    import faiss  # pylint: disable=g-import-not-at-top
+    n = len(store)
+    index = faiss.IndexFlatIP(store.dim)
+    for _, rows in store.shards:
+      index.add(np.ascontiguousarray(rows, np.float32))
+    del store
+    ids, keep, sampled = jax.numpy.arange(n, dtype=jax.numpy.uint32), subsample.limit(q), []
+    for s in range(0, b, 8):
+      member = np.asarray(subsample.membership(sub_keys[s:s + 8], ids, keep))
+      sampled.extend(np.flatnonzero(row) for row in member)
+
+    def run():
+      out_ids = np.full((b, k), -1, np.int64)
+      out_scores = np.full((b, k), -np.inf, np.float32)
+      for i in range(b):
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(sampled[i]))
+        scores, found = index.search(queries[i:i + 1], k, params=params)
+        out_ids[i], out_scores[i] = found[0], scores[0]
+      return out_ids, out_scores, out_ids >= 0
+  setup = time.perf_counter() - start
+  for _ in range(spec["warmup"]):
+    run()
+  _reset_peak()
+  seconds = []
+  for _ in range(spec["reps"]):
+    start = time.perf_counter()
+    result = run()
+    seconds.append(time.perf_counter() - start)
+  conn.send(dict(setup=setup, seconds=seconds, base=base, peak=_vm("VmHWM"),
+                 rss_file=_vm("RssFile"), rss_anon=_vm("RssAnon"), result=result))
+  conn.close()
+
+
+def _run(kind: str, spec: dict) -> dict:
+  context = multiprocessing.get_context("spawn")
+  parent, child = context.Pipe()
+  process = context.Process(target=_contender, args=(child, kind, spec), daemon=True)
+  process.start()
+  child.close()
+  out = parent.recv()
+  process.join()
+  return out
+
+
+def main(argv):
+  del argv
+  n, d, b, k, q = _N.value, _DIM.value, _BATCH.value, _NEIGHBORS.value, _SAMPLING_RATE.value
+  workdir = pathlib.Path(_WORKDIR.value or tempfile.gettempdir())
+  directory = workdir / f"retrieval-large-{n}x{d}-{_SEED.value}"
+  busy0, steal0 = machine_info._busy_and_steal_seconds()  # pylint: disable=protected-access
+  wall0, own0 = time.perf_counter(), _cpu_seconds()
+  write_seconds = None
+  if not (directory / "manifest.json").exists():
+    shutil.rmtree(directory, ignore_errors=True)
+    write_seconds = _write(directory, n, d, _SHARD_ROWS.value, _SEED.value)
+  spec = dict(store=str(directory), b=b, k=k, q=q, seed=_SEED.value, reps=_REPS.value,
+              warmup=_WARMUP.value,
+              queries=_unit_rows(np.random.default_rng([_SEED.value, 1, d]), (b, d)))
+  try:
+    results = {kind: _run(kind, spec) for kind in ("ours", "faiss")}
+  finally:
+    if not _KEEP.value:
+      shutil.rmtree(directory, ignore_errors=True)
+  raw = n * d * 4
+  print("Private k-NN over a large table (benchmarks/retrieval_large.py)")
+  print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+  print(f"machine: {os.cpu_count()} CPUs, {machine_info.cpu_model()}, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / _GIB:.1f} GiB memory")
+  print(f"N = {n:,} unit-norm float32 rows of d = {d} ({raw / _GIB:.2f} GiB raw, store in shards "
+        f"of {_SHARD_ROWS.value:,}), B = {b}, k = {k}, q = {q}; median of {_REPS.value} passes "
+        f"after {_WARMUP.value} warm-up, one contender at a time, each in its own process")
+  if write_seconds is not None:
+    print(f"store written in {write_seconds:.0f} s (EmbeddingStore.write_shards)")
+  print()
+  print(f"{'contender':>22} {'q/s':>9} {'ms/query':>9} {'setup s':>8} {'peak GiB':>9} "
+        f"{'(peak-libs)/raw':>15}")
+  qps = {}
+  for kind, label in (("ours", "ours, host"), ("faiss", "faiss (a) given ids")):
+    r = results[kind]
+    median = statistics.median(r["seconds"])
+    qps[kind] = b / median
+    print(f"{label:>22} {qps[kind]:9.2f} {median * 1e3 / b:9.2f} {r['setup']:8.1f} "
+          f"{r['peak'] / _GIB:9.2f} {(r['peak'] - r['base']) / raw:15.2f}")
+  print(f"ratio ours / faiss (a): {qps['ours'] / qps['faiss']:.2f}")
+  (ids_a, scores_a, valid_a), (ids_b, scores_b, valid_b) = (results["ours"]["result"],
+                                                            results["faiss"]["result"])
+  differ = (ids_a != ids_b) | (valid_a != valid_b)
+  gap = np.where(valid_a & valid_b, np.abs(scores_a.astype(np.float64) - scores_b), 0.0)
+  print(f"same results: {int(differ.sum())} of {b * k} slots differ, "
+        f"{int((differ & ~(gap <= _TIE_TOLERANCE.value)).sum())} beyond ties; "
+        f"max |score diff| {gap.max():.1e}")
+  print("peak = VmHWM over the timed passes; libs = resident before the table was opened; "
+        "ours' peak counts the store's mapped pages it touched (file-backed, evictable)")
+  busy, steal = machine_info._busy_and_steal_seconds()  # pylint: disable=protected-access
+  wall = time.perf_counter() - wall0
+  other = max(0.0, (busy - busy0) - (_cpu_seconds() - own0))
+  print(f"background load during the run: other processes used {other:.1f} CPU-s in {wall:.1f} "
+        f"s wall ({other / wall:.2f} cores on average), steal {steal - steal0:.1f} CPU-s; "
+        "figures are unreliable when this is well above 0")
+
+
+if __name__ == "__main__":
+  app.run(main)
