@@ -5,7 +5,11 @@ What is measured, with `dprdm_jax.privacy.accounting` (Google's dp-accounting un
 - epsilon of T = 100,000 queries of sigma = 0.2, q = 0.01, k = 18 at delta = 1e-7
   (`history_epsilon`), with the RDP and with the PLD accountant: median seconds of --reps runs;
 - one calibration, `calibrate_noise_std` for target epsilon 1.0, q = 0.01, k = 18, T = 1000,
-  delta = 1e-7, with RDP and with PLD: median seconds of --calibration_reps runs.
+  delta = 1e-7, with RDP and with PLD: median seconds of --calibration_reps runs;
+- PLD calibrations at the settings of configs/coco.py and configs/cifar10.py and two extremes;
+- the PLD grid (`accounting.pld_discretization`, 20 points per spread of one query's privacy
+  loss) against grids 5 times finer and the fixed step of 1e-4 used before: epsilon and seconds
+  on eight settings, so that the grid's accuracy is measured, not assumed.
 
 Peer, measured in the same run: the DP-RDM authors' accountant, Opacus' RDP analysis
 (`compute_rdp` + `get_privacy_spent` over Opacus' default orders for epsilon, and
@@ -17,7 +21,7 @@ Run from the repository root:
 
   python benchmarks/accounting.py
 
-About 10 seconds on a 2-core machine.
+About 40 seconds on a 2-core machine (most of it the fine reference grids).
 """
 
 import datetime
@@ -78,6 +82,38 @@ def _opacus_sigma() -> float:
   return 2 * z / _NEIGHBORS
 
 
+# (q, z, T, delta) of the grid comparison; the calibrations' (epsilon, q, T, delta, what).
+_GRID_SETTINGS = [(0.01, 1.8, 1000, 1e-7), (0.01, 1.8, 100_000, 1e-7), (0.01, 0.8, 10_000, 9e-6),
+                  (0.02, 0.68, 1000, 2e-5), (1.0, 5.0, 100, 1e-5), (0.01, 15.0, 100_000, 1e-6),
+                  (0.001, 0.6, 100_000, 1e-6), (1.0, 50.0, 1000, 1e-5)]
+_CALIBRATIONS = [(10.0, 0.01, 10_000, 1 / 113_287, "configs/coco.py"),
+                 (9.4, 0.02, 1000, 1 / 50_000, "configs/cifar10.py"),
+                 (1.0, 0.01, 100_000, 1e-6, "small epsilon, long history"),
+                 (50.0, 0.1, 100, 1e-5, "large epsilon, high rate")]
+
+
+def _grid_rows() -> list[str]:
+  """epsilon on the fitted grid, a grid 5 times finer, and the old fixed step 1e-4."""
+  lines = [f"{'setting (q, z, T, delta)':>34}  {'fitted grid':>22}  {'5x finer':>22}  "
+           f"{'fixed 1e-4':>22}",
+           f"{'-' * 34}  {'-' * 22}  {'-' * 22}  {'-' * 22}"]
+  for q, z, t, delta in _GRID_SETTINGS:
+    event = accounting.history_event({accounting.Mechanism(z, q, 2): t})  # k = 2: z = sigma
+    cells = []
+    for points in (accounting.PLD_POINTS_PER_SPREAD, 5 * accounting.PLD_POINTS_PER_SPREAD, None):
+      start = time.perf_counter()
+      if points is None:
+        eps = float(accounting.make_accountant("pld", 1e-4).compose(event).get_epsilon(delta))
+      else:
+        eps = accounting.epsilon(event, delta, "pld", points)
+      cells.append((eps, time.perf_counter() - start))
+    reference = cells[1][0]
+    lines.append(f"{f'{q:g}, {z:g}, {t:,}, {delta:.2g}':>34}  " + "  ".join(
+        f"{eps:9.5f} {100 * (eps / reference - 1):+6.3f}% {seconds:4.2f}s"
+        for eps, seconds in cells))
+  return lines
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
@@ -105,6 +141,13 @@ def main(argv):
         acc)
     results.append((f"ours {acc.upper()} calibrate_noise_std, T = {_CALIBRATION_QUERIES:,}",
                     seconds, f"sigma = {sigma:.5f} (epsilon {check:.4f})"))
+  calibrations = []
+  for eps, q, t, delta, what in _CALIBRATIONS:
+    seconds, z = _timed(lambda: accounting.calibrate_noise_multiplier(eps, q, t, delta, "pld"), 1)
+    check = accounting.epsilon(accounting.history_event({accounting.Mechanism(z, q, 2): t}),  # z
+                               delta, "pld")
+    calibrations.append(f"  PLD z for epsilon {eps:g}, q = {q:g}, T = {t:,}, delta = "
+                        f"{delta:.2g} ({what}): {seconds:.2f} s, z = {z:.5f} (epsilon {check:.4f})")
   seconds, sigma = _timed(_opacus_sigma, _CALIBRATION_REPS.value)
   check = accounting.history_epsilon(
       {accounting.Mechanism(sigma, _SAMPLING_RATE, _NEIGHBORS): _CALIBRATION_QUERIES}, _DELTA,
@@ -122,8 +165,9 @@ def main(argv):
         f"(noise multiplier {mechanism.noise_multiplier:g}), delta = {_DELTA:g}, "
         f"median of {_REPS.value} runs")
   print(f"calibration: target epsilon {_TARGET_EPSILON}, q = {_SAMPLING_RATE}, k = {_NEIGHBORS}, "
-        f"delta = {_DELTA:g}, median of {_CALIBRATION_REPS.value} run(s); "
-        f"PLD discretisation {accounting.PLD_DISCRETIZATION:g}")
+        f"delta = {_DELTA:g}, median of {_CALIBRATION_REPS.value} run(s); PLD grid: "
+        f"{accounting.PLD_POINTS_PER_SPREAD} points per spread of one query's loss "
+        f"(step {accounting.pld_discretization(mechanism.event()):.2g} here)")
   print(f"peer: Opacus {metadata.version('opacus')} (the DP-RDM authors' accountant)")
   print()
   width = max(len(name) for name, _, _ in results)
@@ -138,6 +182,13 @@ def main(argv):
         f"PLD {seconds[2] / seconds[1]:.2f}")
   print(f"  calibration at T = {_CALIBRATION_QUERIES:,}: RDP {seconds[5] / seconds[3]:.2f}, "
         f"PLD {seconds[5] / seconds[4]:.2f} (ours to 1e-4 in z, Opacus to 0.01 in epsilon)")
+  print()
+  print("more PLD calibrations (to 1e-4 in z, one run each):")
+  print("\n".join(calibrations))
+  print()
+  print("PLD grids: epsilon, its difference from the grid 5 times finer, seconds (every grid "
+        "gives an upper bound):")
+  print("\n".join(_grid_rows()))
   print(load.summary())
 
 

@@ -9,10 +9,11 @@ q = 0.01, over the same unit-norm float32 rows (record ids 0..N-1), by:
   membership, mask, `jax.lax.top_k`) on the default JAX device (a CPU here), --chunk queries per
   call, so that the (chunk, N) score and hash matrices fit in memory; the table is a
   `DeviceTable.from_store`.
-- ours, host: `dprdm_jax.retrieval.host.HostRetriever` over an exact (brute-force) `ScannIndex`,
-  method "auto", which at q <= host.SCAN_MAX_RATE is the blocked scan: one pass over the rows in
-  blocks, the keyed-hash membership of every (record, query) pair in one XLA call per block, and one
-  float32 dot product per sampled pair only (on one worker thread per core).
+- ours, host: `dprdm_jax.retrieval.host.HostRetriever` over the store (memory-mapped, no index),
+  method "auto", which at q <= host.SCAN_MAX_RATE is the scan: one pass over the rows in jobs of
+  rows on one worker thread per core, each job one call of the compiled kernel
+  (`retrieval/scan_kernel.py`) that hashes every query's subsample (one Threefry block per 4
+  records) and computes one float32 dot product per sampled pair only, keeping each query's k best.
 - faiss (a), the authors' method given our subsample: faiss-cpu `IndexFlatIP` over the same rows,
   one `search` per query with `SearchParameters(sel=IDSelectorBatch(sampled_ids))`, where
   sampled_ids is that query's subsample computed with our `subsample.membership` (untimed, before
@@ -39,18 +40,18 @@ compile ours), then called in turn, pass after pass (--reps passes, --large_reps
 wall time of a whole pass over the B queries. "cores" is the process CPU time per wall second of
 those passes. A last table breaks each contender's pass down by stage: ours, device, by timing each
 stage of `private_knn` jitted on its own on one chunk (the fused function can take less than the
-sum); ours, host, by timing the membership calls and the pair scoring inside `retrieve` (the
-scoring runs on worker threads, overlapping the main thread); faiss (a) by timing the selector
-construction alone (the rest is the search).
+sum); ours, host, by timing the kernel calls inside `retrieve` (summed over the worker threads;
+the rest is the merge of the jobs' lists and the gather of the neighbours' rows); faiss (a) by
+timing the selector construction alone (the rest is the search).
 
 Run from the repository root, with the peer installed (`pip install faiss-cpu`):
 
   python benchmarks/retrieval.py                                    # the full run, ~5 min
   python benchmarks/retrieval.py --sizes=10000 --dim_sweep= --reps=3  # a quick check, ~20 s
 
-on a 2-core machine. N = 10^6 takes most of it, and about 8 GiB of memory while its store is
-written (the rows and EmbeddingStore.write's copies), then 9 GiB while the three contenders hold
-their tables.
+on a 2-core machine. N = 10^6 takes most of it, and about 6 GiB of memory while the three
+contenders hold their tables. benchmarks/retrieval_large.py runs N = 10^7, which does not fit
+three times.
 """
 
 import datetime
@@ -320,12 +321,14 @@ def _worker(conn, kind: str, spec: dict):
 
 
 def _write_store(conn, directory: str, n: int, d: int, seed: int):
-  """The data-writing process: N random unit rows as an EmbeddingStore; sends seconds, peak."""
+  """The data-writing process: N random unit rows as an EmbeddingStore, one shard of 2**18 rows
+  in memory at a time (`write_shards`); sends seconds, peak."""
   start = time.perf_counter()
-  rng = np.random.default_rng([seed, n, d])
-  x = rng.standard_normal((n, d), dtype=np.float32)
-  x /= np.linalg.norm(x, axis=1, keepdims=True)
-  store_lib.EmbeddingStore.write(directory, x)
+  shard = 1 << 18
+  store_lib.EmbeddingStore.write_shards(directory, (
+      (np.arange(s, min(n, s + shard)),
+       _unit_rows(np.random.default_rng([seed, n, d, s]), (min(shard, n - s), d)))
+      for s in range(0, n, shard)), d)
   conn.send((time.perf_counter() - start, _status_bytes()["VmHWM"]))
 
 
@@ -530,7 +533,7 @@ def _report(tables: list[dict]) -> list[str]:
              "rows and building; query pk = peak over the warm passes (high-water mark reset "
              + ("after warm-up)" if all(t["peak_reset"] for t in tables) else
                 "NOT reset: /proc/self/clear_refs refused, so it includes setup)"))
-  out.append("store writing (one process per table: generate rows, EmbeddingStore.write): " +
+  out.append("store writing (one process per table: generate rows, EmbeddingStore.write_shards): " +
              "; ".join(f"N = {t['n']:,}, d = {t['d']}: {t['write_seconds']:.1f} s, peak "
                        f"{t['write_peak'] / _GIB:.2f} GiB" for t in tables))
 
@@ -565,8 +568,8 @@ def _report(tables: list[dict]) -> list[str]:
   out += _table(("N", "d", "contender", "stage", "s/pass"), (9, 4, 12, 50, 7), rows)
   out.append(f"device: each stage jitted alone on one chunk of {_CHUNK.value} queries, times "
              f"{math.ceil(_BATCH.value / _CHUNK.value)} chunks (private_knn fuses them); host: "
-             "timed inside retrieve, scoring summed over its worker threads (it overlaps the "
-             "membership and the rest); faiss (a): search = pass - selectors.")
+             "kernel calls timed inside retrieve, summed over its worker threads; faiss (a): "
+             "search = pass - selectors.")
   return out
 
 

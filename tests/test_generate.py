@@ -12,6 +12,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -231,6 +232,39 @@ def test_private_images_use_the_grant_keys_and_sharded_equals_one_device(setup, 
   assert not np.array_equal(other, single)  # fresh subsample and noise keys, same x_T
   assert not np.array_equal(grants[0].keys(keys_lib.Stream.NOISE),
                             grants[1].keys(keys_lib.Stream.NOISE))
+
+
+@pytest.mark.slow
+def test_a_private_batch_is_one_program_that_never_touches_the_host(setup, generator, tmp_path):
+  """Retrieval over the sharded table, the DP aggregation and every guided DDIM step of a batch
+  run as one compiled program: with its inputs on device, it runs under a transfer guard that
+  refuses any host-to-device or device-to-host transfer, and its compiled code holds no call back
+  into Python (which a guard would not see)."""
+  config = _config(setup)
+  g = config.generate
+  retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as book:
+    book.register(retrieval_set.fingerprint, 10.0, 1e-3)
+    grant = book.charge(retrieval_set.fingerprint, accounting.Mechanism(0.5, 0.5, 4), 3)
+  rows = generator.run_batch_size(3)
+  program = generator._program("retrieve", rows, 0.5, 4)  # pylint: disable=protected-access
+  text, values = generator.embed_prompts(PROMPTS)
+  pad = lambda a: jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a)[:1], rows - 3, 0)])
+  args = jax.device_put((generator.params, retrieval_set.table(generator.mesh),
+                         pad(generator.queries(text, values)), pad(values),
+                         pad(grant.keys(keys_lib.Stream.SUBSAMPLE)),
+                         pad(grant.keys(keys_lib.Stream.NOISE)), jnp.float32(0.5),
+                         jnp.float32(config.privacy.interpolation), jax.random.key(3),
+                         jnp.float32(config.diffusion.guidance_scale)))
+  expected = np.asarray(program(*args))  # compiles outside the guard
+  with jax.transfer_guard_host_to_device("disallow"), \
+      jax.transfer_guard_device_to_host("disallow"):
+    images = program(*args)
+    images.block_until_ready()
+  np.testing.assert_array_equal(np.asarray(images), expected)
+  compiled = program.lower(*args).compile().as_text()
+  assert "callback" not in compiled.lower()
+  assert "while" in compiled  # the DDIM steps: a loop inside the program, not dispatches
 
 
 @pytest.mark.slow

@@ -122,6 +122,8 @@ def scan_top_k(embeddings, ids, queries: np.ndarray, subsample_keys, sampling_ra
   """
   shards = list(zip(ids, embeddings)) if isinstance(embeddings, (list, tuple)) else [
       (ids, embeddings)]
+  # Plain views of memory maps: slicing an np.memmap costs a Python-level finaliser per slice.
+  shards = [(np.asarray(shard_ids), np.asarray(rows)) for shard_ids, rows in shards]
   queries = np.ascontiguousarray(queries, np.float32)
   b, dim = queries.shape
   keep = subsample.limit(sampling_rate)

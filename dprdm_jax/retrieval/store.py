@@ -223,8 +223,8 @@ class EmbeddingStore:
     start = 0
     for ids, rows in self._shards:
       rows = np.asarray(rows)  # the mapped array without np.memmap's per-item overhead
-      if len(self._shards) == 1:
-        out[...] = rows[positions]
+      if len(self._shards) == 1 and rows.dtype == np.float32:
+        np.take(rows, positions, axis=0, out=out)
       else:
         inside = (positions >= start) & (positions < start + len(ids))
         out[inside] = rows[positions[inside] - start]

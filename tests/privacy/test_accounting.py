@@ -39,8 +39,9 @@ def test_mixed_history_composes_like_the_accountant_given_the_events():
   a = accounting.Mechanism(0.3, 0.02, 8)
   b = accounting.Mechanism(0.1, 0.005, 32)
   history = [(a, 300), (b, 200), (a, 100)]
+  step = accounting.pld_discretization(accounting.history_event(history))
   for name, fresh in (("rdp", lambda: rdp.RdpAccountant(neighboring_relation=REL)),
-                      ("pld", lambda: pld.PLDAccountant(REL, accounting.PLD_DISCRETIZATION))):
+                      ("pld", lambda: pld.PLDAccountant(REL, step))):
     direct = fresh()
     for m, n in history:
       direct.compose(m.event(), n)
