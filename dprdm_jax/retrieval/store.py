@@ -141,8 +141,8 @@ class EmbeddingStore:
     starts = range(0, max(n, 1), shard_rows)
     texts = None if payload is None else [
         [str(payload[j]) for j in order[s:s + shard_rows]] for s in starts]
-    return cls.write_shards(directory, ((ids[s:s + shard_rows], x[s:s + shard_rows])
-                                        for s in starts), x.shape[1], dtype, texts)
+    return cls._write(directory, ((ids[s:s + shard_rows], x[s:s + shard_rows]) for s in starts),
+                      x.shape[1], dtype, texts)
 
   @classmethod
   def write_shards(cls, directory, shards: Iterable[tuple[np.ndarray, np.ndarray]], dim: int,
@@ -156,6 +156,12 @@ class EmbeddingStore:
     reading the shards back. Raises StoreError on invalid input; a directory without the final
     manifest is not a store.
     """
+    return cls._write(directory, ((shard_ids, normalise_rows(rows) if len(rows) else rows)
+                                  for shard_ids, rows in shards), dim, dtype, payload)
+
+  @classmethod
+  def _write(cls, directory, shards, dim: int, dtype: str, payload) -> "EmbeddingStore":
+    """`write_shards` of rows already normalised (normalising twice changes the last bits)."""
     if dtype not in _DTYPES:
       raise StoreError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     directory = pathlib.Path(directory)
@@ -164,9 +170,9 @@ class EmbeddingStore:
     directory.mkdir(parents=True, exist_ok=True)
     sizes, last = [], -1
     for i, (shard_ids, rows) in enumerate(shards):
-      rows = normalise_rows(rows) if len(rows) else np.zeros((0, dim), np.float32)
-      if rows.shape[1] != dim:
-        raise StoreError(f"shard {i} has rows of width {rows.shape[1]}, not {dim}")
+      rows = np.asarray(rows, np.float32)
+      if rows.ndim != 2 or rows.shape[1] != dim:
+        raise StoreError(f"shard {i} has rows of shape {rows.shape}, not (n, {dim})")
       shard_ids = _check_ids(shard_ids, len(rows))
       if len(shard_ids) and (shard_ids[0] <= last or (np.diff(shard_ids) <= 0).any()):
         raise StoreError(f"the ids of shard {i} do not ascend from the previous shard's")
