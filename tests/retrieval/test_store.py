@@ -108,6 +108,6 @@ def test_written_shard_by_shard_it_equals_the_store_written_at_once(tmp_path):
   with pytest.raises(store_lib.StoreError, match="do not ascend"):
     store_lib.EmbeddingStore.write_shards(
         tmp_path / "bad", [(ids[60:120], x[60:120]), (ids[:60], x[:60])], 8)
-  with pytest.raises(store_lib.StoreError, match="not \(n, 8\)"):
+  with pytest.raises(store_lib.StoreError, match=r"not \(n, 8\)"):
     store_lib.EmbeddingStore.write_shards(tmp_path / "narrow", [(ids[:60], x[:60, :4])], 8)
   assert not (tmp_path / "bad" / "manifest.json").exists()
