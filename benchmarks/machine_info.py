@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 
 def cpu_model() -> str:
@@ -85,14 +86,23 @@ def median_seconds(fn, reps: int, warmup: int = 0) -> float:
   return statistics.median(times)
 
 
-def run_contenders(argv: list[str], names) -> dict[str, tuple[list[str], dict]]:
+# XLA_FLAGS that make JAX see one CPU device per core: a mesh over them runs data parallel, each
+# device's operations on its own core (one device's small operations leave a core idle).
+ONE_DEVICE_PER_CORE = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+
+
+def run_contenders(argv: list[str], names,
+                   xla_flags: Optional[dict] = None) -> dict[str, tuple[list[str], dict]]:
   """Runs `argv[0] --contender=NAME argv[1:]` for each name, one after the other, each in its own
-  process (thread pools of two runtimes in one process compete); {name: (its printed lines, the
-  JSON object of its last line)}."""
+  process (thread pools of two runtimes in one process compete), with XLA_FLAGS set to
+  xla_flags[NAME] where given; {name: (its printed lines, the JSON object of its last line)}."""
   results = {}
   for name in names:
+    env = dict(os.environ)
+    if xla_flags and name in xla_flags:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags[name]).strip()
     run = subprocess.run([sys.executable, argv[0], f"--contender={name}"] + argv[1:],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     lines = run.stdout.strip().splitlines()
     results[name] = (lines[:-1], json.loads(lines[-1]))
   return results

@@ -5,7 +5,7 @@ at d = 512, and d in {128, 512} at N = 10^5), queries per second of answering th
 unit-norm queries with the top k = 16 records of each query's own Poisson subsample at rate
 q = 0.01, over the same unit-norm float32 rows (record ids 0..N-1), by:
 
-- ours, device: `dprdm_jax.retrieval.device.private_knn` (jitted: matmul scores, keyed-hash
+- ours, device: `dprdm_jax.retrieval.device.private_knn` (jitted: matmul scores, keyed
   membership, mask, `jax.lax.top_k`) on the default JAX device (a CPU here), --chunk queries per
   call, so that the (chunk, N) score and hash matrices fit in memory; the table is a
   `DeviceTable.from_store`.
@@ -189,7 +189,7 @@ class _Device:
     timed = lambda fn: passes * machine_info.median_seconds(fn, reps)
     return [
         ("matmul scores (chunk, d) x (d, N)", timed(run_scores)),
-        ("keyed-hash membership (chunk, N)", timed(run_member)),
+        ("keyed membership (chunk, N)", timed(run_member)),
         ("mask (where)", timed(lambda: mask(s, m).block_until_ready())),
         ("lax.top_k over (chunk, N)", timed(lambda: jax.block_until_ready(top_k(masked)))),
     ]

@@ -1,21 +1,21 @@
-"""Private k-NN on the host: a blocked scan of the subsample's pairs, or exact ScaNN + a filter.
+"""Private k-NN on the host: a scan of the store in a compiled kernel, or exact ScaNN + a filter.
 
 Two exact methods, the same answer:
 
-- "scan" (the default at small rates): one pass over the table in blocks of rows. For each block,
-  the keyed-hash membership (`subsample`) of every (record, query) pair is computed in one fused
-  XLA call, record-major, and only the sampled pairs are scored, each as one float32 dot product
-  of the record's row and the query. A record is read from memory once per batch and scored for
-  the ~q*B queries that sampled it; the work is B*N hashes and q*N*B*d multiply-adds, against
-  N*B*d for scoring every record. The pairs are then grouped by query (record order kept) and the
-  first k of each query in (score, lower id) order are the answer.
+- "scan" (the default at small rates): one pass over the table's rows, where they are (memory
+  maps are read in place), in jobs of rows on one worker thread per core. Each job is one call of
+  `scan_kernel.scan_block`, which hashes each query's subsample over the job's ids (`subsample`:
+  one Threefry block per 4 records) and scores a row, one float32 dot product, only for a query
+  that sampled it, keeping each query's k best. The work is B*N/4 hashes and q*N*B*d
+  multiply-adds, against N*B*d for scoring every record, and the memory beside the rows is the
+  jobs' k best per query; the jobs' lists are merged at the end (score down, then lower id).
 - "scann": an exact (brute-force) ScaNN search returns the C best records of the whole store, C
   about k/q with a margin; the membership keeps those in the query's subsample, and the first k in
   (score, lower id) order are the answer. When fewer than k candidates survive and the C-th
   candidate does not already rule out better records, C grows fourfold and the query is searched
   again, until k are found or C covers the store. Scoring every record pays off at large rates.
 
-"auto" picks "scan" for rates up to SCAN_MAX_RATE, "scann" above.
+"auto" picks "scann" above SCAN_MAX_RATE when the retriever has an exact index, "scan" otherwise.
 
 Formal guarantee (rule R1), both methods: the result equals the exact top k of the subsample, ties
 to the lower id, the same as `device.private_knn` for the same keys. "scan" computes a score only
@@ -175,7 +175,7 @@ class _Done:
 
 
 class HostRetriever:
-  """Exact private k-NN over an embedding store: a blocked scan, or a brute-force ScaNN index."""
+  """Exact private k-NN over an embedding store: a scan, or a brute-force ScaNN index."""
 
   def __init__(self, store: store_lib.EmbeddingStore,
                index: Optional[index_lib.ScannIndex] = None, margin: float = 2.0,

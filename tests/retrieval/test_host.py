@@ -1,4 +1,4 @@
-"""Private k-NN on the host (blocked scan, or exact ScaNN + filter): exact, equal to device."""
+"""Private k-NN on the host (the scan, or exact ScaNN + filter): exact, equal to device."""
 
 import jax
 import numpy as np
