@@ -83,7 +83,8 @@ export PATH="$PWD/$venv/bin:$PATH"
 # 1.4x, sampling 1.7x as fast on 2 cores; benchmarks/README.md). Tests keep JAX's single device.
 if [ -z "${JAX_ACCELERATOR:-}" ] && [ "$job" != test ] &&
   [[ "${XLA_FLAGS:-}" != *xla_force_host_platform_device_count* ]]; then
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$(nproc)"
+  cores=$(nproc)
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$cores"
 fi
 case "$job" in
   demo)
