@@ -141,10 +141,10 @@ case "$job" in
     python benchmarks/retrieval.py
     python benchmarks/unet.py
     python benchmarks/value_embedding.py
-    if [ -d runs/default/unet/checkpoints ]; then
+    if [ -f runs/default/embeddings/fashion_mnist-train/images/manifest.json ]; then
       python benchmarks/generate.py
     else
-      echo "== benchmarks/generate.py skipped: train the default U-Net first (README)" >&2
+      echo "== benchmarks/generate.py skipped: run the demo first (its stores and towers)" >&2
     fi
     ;;
   *)

@@ -41,8 +41,8 @@ class Neighbors(NamedTuple):
 class DeviceTable(NamedTuple):
   """A store's rows on device: embeddings (N', d), ids (N',) uint32, present (N',) bool.
 
-  N' >= N when the rows are padded to a multiple of the shard count; padding rows are not present
-  and are never retrieved. `embeddings` are the keys that queries are scored against; `values`
+  N' >= N when the rows are padded to a multiple of 4 times the shard count; padding rows are not
+  present and are never retrieved. `embeddings` are the keys that queries are scored against; `values`
   (N', d_v), if given, are what a retrieved slot returns instead of its key (the offline default
   scores caption embeddings and averages image embeddings of the same records).
   """
@@ -75,9 +75,15 @@ class DeviceTable(NamedTuple):
       raise errors.InputError("ids must be unique, ascending and in [0, 2**32): ties go to the "
                               "lower id and the subsample hashes 32-bit ids")
     shards = 1 if mesh is None else mesh.shape[axis]
-    pad = -n % shards
+    # Padded to a multiple of 4 rows per shard, the padding ids continuing the last id: a store's
+    # ids 0..N-1 then stay in aligned runs of 4 in every shard, and the subsample hashes them a
+    # block per 4 (`subsample.membership`) instead of a block per record.
+    pad = -n % (subsample.LANES * shards)
     padded = lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-    embeddings, ids = padded(embeddings), padded(ids).astype(np.uint32)
+    embeddings = padded(embeddings)
+    after = (ids[-1] + 1 if n else 0) + np.arange(pad)
+    ids = np.concatenate([ids, after if pad and after[-1] < 2**32 else np.zeros(pad, np.int64)])
+    ids = ids.astype(np.uint32)
     values = None if values is None else padded(values)
     present = np.arange(n + pad) < n
     if mesh is None:

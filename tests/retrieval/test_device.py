@@ -88,21 +88,29 @@ def test_adding_one_record_changes_at_most_one_slot():
       assert set(after) - set(before) <= {new_id}
 
 
-def test_sharded_equals_unsharded_on_eight_devices():
+@pytest.mark.parametrize("spacing", [3, 1], ids=["scattered ids", "ids 0..N-1"])
+def test_sharded_equals_unsharded_on_eight_devices(spacing):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((8,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
   rng = np.random.default_rng(3)
   n, d, b = 605, 32, 5  # not a multiple of 8: padding rows must never be retrieved
   rows = ref.integer_rows(rng, n, d)
   rows[100:110] = rows[600]  # ties across shards
-  ids = np.arange(n) * 3
+  ids = np.arange(n) * spacing
   queries = ref.integer_rows(rng, b, d)
   keys = ref.subsample_keys(b)
+  # A store's ids 0..N-1 stay in aligned runs of 4 in every shard, padding included, so each
+  # shard hashes a block per 4 records.
+  table = device.DeviceTable.from_arrays(rows, ids, mesh, "rows")
+  shard_ids = np.asarray(table.ids).reshape(8, -1)
+  assert all(subsample.dense_ids(s) for s in shard_ids) == (spacing == 1)
   for q, k in ((1.0, 16), (0.3, 4), (0.01, 100)):
     single = run(rows, ids, queries, q, k, keys)
     sharded = run(rows, ids, queries, q, k, keys, mesh=mesh)
     for a, s in zip(single, sharded):
       np.testing.assert_array_equal(a, s)
+    want_ids, _ = ref.materialised_top_k(rows, ids, queries, ref.members(ids, keys, q), k)
+    np.testing.assert_array_equal(np.where(single[2], single[1].astype(np.int64), -1), want_ids)
 
 
 def test_private_retrieval_has_no_approximate_mode():
