@@ -80,8 +80,9 @@ fi
 export PATH="$PWD/$venv/bin:$PATH"
 # On a CPU, one JAX device per core: the jobs' meshes (data=-1) then split each batch over the
 # cores, which a small U-Net's many small operations on one device leave half idle (training
-# 1.4x, sampling 1.7x as fast on 2 cores; benchmarks/README.md). Tests keep JAX's single device.
-if [ -z "${JAX_ACCELERATOR:-}" ] && [ "$job" != test ] &&
+# 1.4x, sampling 1.7x as fast on 2 cores; benchmarks/README.md). Tests keep JAX's single device,
+# and the benchmarks choose per contender.
+if [ -z "${JAX_ACCELERATOR:-}" ] && { [ "$job" = demo ] || [ "$job" = train ]; } &&
   [[ "${XLA_FLAGS:-}" != *xla_force_host_platform_device_count* ]]; then
   cores=$(nproc)
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$cores"
