@@ -185,6 +185,8 @@ class Ledger:
       raise LedgerError(f"no ledger file at {self.path}")
     if create:
       try:  # owner-only from the first byte; SQLite gives -wal and -shm the same mode
+        # A missing folder is made owner-only too (an existing one is left as it is).
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
         os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
       except FileExistsError:
         pass

@@ -6,6 +6,7 @@ import pathlib
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -113,6 +114,17 @@ def test_an_absurd_count_is_refused_without_composing_it(tmp_path, monkeypatch):
       # Never the refused count: at most the allowance's own search, which brackets by doubling.
       assert max(composed, default=0) <= 2 * allowance
     assert ledger.status()[0].queries == 5
+
+
+def test_a_new_ledger_makes_its_missing_folders_owner_only(tmp_path):
+  path = tmp_path / "runs" / "default" / "ledger.db"
+  with ledger_lib.Ledger(path, create=True) as ledger:
+    ledger.register("fp", 1.0, 1e-5, "rdp")
+  assert stat.S_IMODE(path.stat().st_mode) == 0o600
+  assert stat.S_IMODE((tmp_path / "runs" / "default").stat().st_mode) == 0o700
+  with pytest.raises(ledger_lib.LedgerError, match="no ledger file"):  # only when creating
+    ledger_lib.Ledger(tmp_path / "elsewhere" / "ledger.db")
+  assert not (tmp_path / "elsewhere").exists()
 
 
 def test_missing_and_corrupt_files_are_refused(tmp_path):
