@@ -31,7 +31,6 @@ import tempfile
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
 import machine_info  # benchmarks/machine_info.py, beside this script
 import peers  # benchmarks/peers.py

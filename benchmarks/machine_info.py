@@ -43,6 +43,38 @@ def _own_seconds() -> float:
                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
+def unit_rows(rng, shape: tuple[int, ...]):
+  """Random float32 rows of unit L2 norm (the last axis), the benchmarks' embeddings."""
+  x = rng.standard_normal(shape, dtype="float32")
+  return x / (x * x).sum(axis=-1, keepdims=True) ** 0.5
+
+
+def process_memory() -> dict[str, int]:
+  """VmRSS, VmHWM, RssAnon and RssFile of this process in bytes (only VmHWM without /proc)."""
+  fields = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+          fields[name] = int(value.split()[0]) * 1024
+  except OSError:
+    pass
+  if "VmHWM" not in fields:  # ru_maxrss is in KiB on Linux
+    fields["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return fields
+
+
+def reset_peak_memory() -> bool:
+  """Resets this process's resident high-water mark (VmHWM); False where Linux does not let us."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 class BackgroundLoad:
   """CPU seconds used by other processes (and stolen by the hypervisor) between start and stop."""
 

@@ -61,7 +61,6 @@ import math
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import statistics
 import tempfile
@@ -111,32 +110,6 @@ _GIB = 2**30
 
 # ----------------------------------------------------------------------------------------------
 # Process memory.
-
-
-def _status_bytes() -> dict[str, int]:
-  """VmRSS, VmHWM, RssAnon and RssFile of this process in bytes (only VmHWM without /proc)."""
-  fields = {}
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-          fields[name] = int(value.split()[0]) * 1024
-  except OSError:
-    pass
-  if "VmHWM" not in fields:  # ru_maxrss is in KiB on Linux
-    fields["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  return fields
-
-
-def _reset_peak() -> bool:
-  """Resets this process's resident high-water mark (VmHWM); False where Linux does not let us."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,25 +270,25 @@ class _Faiss:
 def _worker(conn, kind: str, spec: dict):
   """A contender's process: answers (command, argument) messages from the parent on `conn`."""
   logging.set_verbosity(logging.WARNING)
-  base = _status_bytes()
+  base = machine_info.process_memory()
   start = time.perf_counter()
   contender = {"device": _Device, "host": _Host, "faiss": _Faiss}[kind](spec)
   setup_seconds = time.perf_counter() - start
-  conn.send({"base": base, "setup": _status_bytes(), "setup_seconds": setup_seconds})
+  conn.send({"base": base, "setup": machine_info.process_memory(), "setup_seconds": setup_seconds})
   while True:
     command, argument = conn.recv()
     if command == "stop":
       conn.send(None)
       return
     if command == "reset_peak":
-      conn.send(_reset_peak())
+      conn.send(machine_info.reset_peak_memory())
     elif command == "run":
       fn = getattr(contender, argument)
       wall, cpu = time.perf_counter(), time.process_time()
       fn()
       conn.send((time.perf_counter() - wall, time.process_time() - cpu))
     elif command == "result":
-      conn.send((contender.result(), _status_bytes()))
+      conn.send((contender.result(), machine_info.process_memory()))
     elif command == "profile":
       conn.send(contender.profile(argument))
 
@@ -327,9 +300,9 @@ def _write_store(conn, directory: str, n: int, d: int, seed: int):
   shard = 1 << 18
   store_lib.EmbeddingStore.write_shards(directory, (
       (np.arange(s, min(n, s + shard)),
-       _unit_rows(np.random.default_rng([seed, n, d, s]), (min(shard, n - s), d)))
+       machine_info.unit_rows(np.random.default_rng([seed, n, d, s]), (min(shard, n - s), d)))
       for s in range(0, n, shard)), d)
-  conn.send((time.perf_counter() - start, _status_bytes()["VmHWM"]))
+  conn.send((time.perf_counter() - start, machine_info.process_memory()["VmHWM"]))
 
 
 class _Process:
@@ -356,11 +329,6 @@ class _Process:
 
 # ----------------------------------------------------------------------------------------------
 # One table.
-
-
-def _unit_rows(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-  x = rng.standard_normal(shape, dtype=np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _sampled_ids(n: int, b: int, seed: int, q: float, chunk: int) -> list[np.ndarray]:
@@ -393,7 +361,7 @@ def _run_table(n: int, d: int, workdir: str) -> dict:
     writer = _Process(_write_store, os.path.join(directory, "store"), n, d, seed)
     write_seconds, write_peak = writer.receive()
     writer.join()
-    queries = _unit_rows(np.random.default_rng([seed, 1, d]), (b, d))
+    queries = machine_info.unit_rows(np.random.default_rng([seed, 1, d]), (b, d))
     start = time.perf_counter()
     sampled = _sampled_ids(n, b, seed, q, chunk)
     sampling_seconds = time.perf_counter() - start
@@ -573,32 +541,11 @@ def _report(tables: list[dict]) -> list[str]:
   return out
 
 
-def _cpu_seconds() -> float:
-  """CPU seconds of this process and of its joined child processes (the contenders)."""
-  return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                               resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-
-def _background_load(start: tuple[float, float, float, float]) -> str:
-  """machine_info.BackgroundLoad's line, not counting the contenders' processes as other load.
-
-  BackgroundLoad subtracts the benchmark's own process only; here the work runs in children.
-  """
-  wall0, busy0, steal0, own0 = start
-  wall = time.perf_counter() - wall0
-  busy, steal = machine_info._busy_and_steal_seconds()  # pylint: disable=protected-access
-  other = max(0.0, (busy - busy0) - (_cpu_seconds() - own0))
-  return (f"background load during the run: other processes used {other:.1f} CPU-s in "
-          f"{wall:.1f} s wall ({other / wall:.2f} cores on average), steal {steal - steal0:.1f} "
-          f"CPU-s; figures are unreliable when this is well above 0")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.WARNING)  # hides JAX's note that no TPU is present
-  busy, steal = machine_info._busy_and_steal_seconds()  # pylint: disable=protected-access
-  start = (time.perf_counter(), busy, steal, _cpu_seconds())
+  load = machine_info.BackgroundLoad.started()  # the contenders, child processes, not counted
   cells = [(int(n), _DIM.value) for n in _SIZES.value]
   cells += [(_DIM_SWEEP_N.value, int(d)) for d in _DIM_SWEEP.value
             if (_DIM_SWEEP_N.value, int(d)) not in cells]
@@ -607,7 +554,7 @@ def main(argv):
     logging.warning("table N = %d, d = %d", n, d)
     tables.append(_run_table(n, d, _WORKDIR.value))
   print("\n".join(_report(tables)))
-  print(_background_load(start))
+  print(load.summary())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import datetime
 import multiprocessing
 import os
 import pathlib
-import resource
 import shutil
 import statistics
 import sys
@@ -57,35 +56,11 @@ _KEEP = flags.DEFINE_bool("keep", False, "Keep the store (and reuse one found th
 _GIB = 2**30
 
 
-def _cpu_seconds() -> float:
-  """CPU seconds of this process and its joined children (the contenders)."""
-  return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                               resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-
-def _vm(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) * 1024
-  return 0
-
-
-def _reset_peak():
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-
-
-def _unit_rows(rng, shape):
-  x = rng.standard_normal(shape, dtype=np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _write(directory: pathlib.Path, n: int, d: int, shard_rows: int, seed: int) -> float:
   from dprdm_jax.retrieval import store as store_lib  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   shards = ((np.arange(s, min(s + shard_rows, n)),
-             _unit_rows(np.random.default_rng([seed, s]), (min(shard_rows, n - s), d)))
+             machine_info.unit_rows(np.random.default_rng([seed, s]), (min(shard_rows, n - s), d)))
             for s in range(0, n, shard_rows))
   store_lib.EmbeddingStore.write_shards(directory, shards, d)
   return time.perf_counter() - start
@@ -101,7 +76,7 @@ def _contender(conn, kind: str, spec: dict):
   store = store_lib.EmbeddingStore(spec["store"], verify=False)
   b, k, q, queries = spec["b"], spec["k"], spec["q"], spec["queries"]
   sub_keys = keys.query_keys(spec["seed"], 0, b, keys.Stream.SUBSAMPLE)
-  base = _vm("VmRSS")
+  base = machine_info.process_memory()["VmRSS"]
   start = time.perf_counter()
   if kind == "ours":
     retriever = host.HostRetriever(store)
@@ -147,14 +122,14 @@ def _contender(conn, kind: str, spec: dict):
   setup = time.perf_counter() - start
   for _ in range(spec["warmup"]):
     run()
-  _reset_peak()
+  machine_info.reset_peak_memory()
   seconds = []
   for _ in range(spec["reps"]):
     start = time.perf_counter()
     result = run()
     seconds.append(time.perf_counter() - start)
-  conn.send(dict(setup=setup, seconds=seconds, base=base, peak=_vm("VmHWM"),
-                 rss_file=_vm("RssFile"), rss_anon=_vm("RssAnon"), result=result))
+  conn.send(dict(setup=setup, seconds=seconds, base=base,
+                 peak=machine_info.process_memory()["VmHWM"], result=result))
   conn.close()
 
 
@@ -174,15 +149,14 @@ def main(argv):
   n, d, b, k, q = _N.value, _DIM.value, _BATCH.value, _NEIGHBORS.value, _SAMPLING_RATE.value
   workdir = pathlib.Path(_WORKDIR.value or tempfile.gettempdir())
   directory = workdir / f"retrieval-large-{n}x{d}-{_SEED.value}"
-  busy0, steal0 = machine_info._busy_and_steal_seconds()  # pylint: disable=protected-access
-  wall0, own0 = time.perf_counter(), _cpu_seconds()
+  load = machine_info.BackgroundLoad.started()  # the contenders, child processes, not counted
   write_seconds = None
   if not (directory / "manifest.json").exists():
     shutil.rmtree(directory, ignore_errors=True)
     write_seconds = _write(directory, n, d, _SHARD_ROWS.value, _SEED.value)
   spec = dict(store=str(directory), b=b, k=k, q=q, seed=_SEED.value, reps=_REPS.value,
               warmup=_WARMUP.value,
-              queries=_unit_rows(np.random.default_rng([_SEED.value, 1, d]), (b, d)))
+              queries=machine_info.unit_rows(np.random.default_rng([_SEED.value, 1, d]), (b, d)))
   try:
     results = {}
     for kind in ("ours", "faiss"):
@@ -222,12 +196,7 @@ def main(argv):
         f"max |score diff| {gap.max():.1e}")
   print("peak = VmHWM over the timed passes; libs = resident before the table was opened; "
         "ours' peak counts the store's mapped pages it touched (file-backed, evictable)")
-  busy, steal = machine_info._busy_and_steal_seconds()  # pylint: disable=protected-access
-  wall = time.perf_counter() - wall0
-  other = max(0.0, (busy - busy0) - (_cpu_seconds() - own0))
-  print(f"background load during the run: other processes used {other:.1f} CPU-s in {wall:.1f} "
-        f"s wall ({other / wall:.2f} cores on average), steal {steal - steal0:.1f} CPU-s; "
-        "figures are unreliable when this is well above 0")
+  print(load.summary())
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import json
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import machine_info  # benchmarks/machine_info.py, beside this script
