@@ -35,6 +35,7 @@ from typing import Callable
 from absl import app
 from absl import flags
 from absl import logging
+from dp_accounting import pld
 from opacus.accountants import rdp as opacus_rdp_accountant
 from opacus.accountants import utils as opacus_utils
 from opacus.accountants.analysis import rdp as opacus_rdp
@@ -103,7 +104,8 @@ def _grid_rows() -> list[str]:
     for points in (accounting.PLD_POINTS_PER_SPREAD, 5 * accounting.PLD_POINTS_PER_SPREAD, None):
       start = time.perf_counter()
       if points is None:
-        eps = float(accounting.make_accountant("pld", 1e-4).compose(event).get_epsilon(delta))
+        eps = float(pld.PLDAccountant(accounting.NEIGHBORING_RELATION, 1e-4).compose(event)
+                    .get_epsilon(delta))
       else:
         eps = accounting.epsilon(event, delta, "pld", points)
       cells.append((eps, time.perf_counter() - start))

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import machine_info  # benchmarks/machine_info.py, beside this script
+import retrieval_common  # benchmarks/retrieval_common.py
 from dprdm_jax.privacy import keys
 from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import host
@@ -331,26 +332,6 @@ class _Process:
 # One table.
 
 
-def _sampled_ids(n: int, b: int, seed: int, q: float, chunk: int) -> list[np.ndarray]:
-  """Each query's subsample, by our keyed hash, as sorted int64 ids (what faiss (a) is given)."""
-  sub_keys = keys.query_keys(seed, 0, b, keys.Stream.SUBSAMPLE)
-  ids, keep = jnp.arange(n, dtype=jnp.uint32), subsample.limit(q)
-  out = []
-  for s in range(0, b, chunk):
-    member = np.asarray(subsample.membership(sub_keys[s:s + chunk], ids, keep))
-    out.extend(np.flatnonzero(row) for row in member)
-  return out
-
-
-def _compare(a, b, tolerance: float) -> tuple[int, int, float]:
-  """(slots whose ids differ, of those the ones that are not ties, max |score difference|)."""
-  (ids_a, scores_a, valid_a), (ids_b, scores_b, valid_b) = a, b
-  differ = (ids_a != ids_b) | (valid_a != valid_b)
-  gap = np.abs(scores_a.astype(np.float64) - scores_b.astype(np.float64))
-  gap = np.where(valid_a & valid_b, gap, 0.0)
-  return int(differ.sum()), int((differ & ~(gap <= tolerance)).sum()), float(gap.max())
-
-
 def _run_table(n: int, d: int, workdir: str) -> dict:
   """Writes one table, runs every contender on it, returns timings, memory, checks, breakdown."""
   b, k, q, chunk, seed = (_BATCH.value, _NEIGHBORS.value, _SAMPLING_RATE.value, _CHUNK.value,
@@ -363,7 +344,7 @@ def _run_table(n: int, d: int, workdir: str) -> dict:
     writer.join()
     queries = machine_info.unit_rows(np.random.default_rng([seed, 1, d]), (b, d))
     start = time.perf_counter()
-    sampled = _sampled_ids(n, b, seed, q, chunk)
+    sampled = retrieval_common.sampled_ids(n, b, seed, q)
     sampling_seconds = time.perf_counter() - start
     spec = dict(store=os.path.join(directory, "store"), queries=queries, k=k, q=q, chunk=chunk,
                 seed=seed)
@@ -394,7 +375,7 @@ def _run_table(n: int, d: int, workdir: str) -> dict:
   finally:
     shutil.rmtree(directory, ignore_errors=True)
   tolerance = _TIE_TOLERANCE.value
-  checks = {pair: _compare(results[pair[0]], results[pair[1]], tolerance)
+  checks = {pair: retrieval_common.compare(results[pair[0]], results[pair[1]], tolerance)
             for pair in (("device", "host"), ("device", "faiss"), ("host", "faiss"))}
   invalid = {kind: int((~r[2]).sum()) for kind, r in results.items()}
   return dict(n=n, d=d, reps=reps, write_seconds=write_seconds, write_peak=write_peak,

@@ -39,6 +39,7 @@ from absl import flags
 import numpy as np
 
 import machine_info  # benchmarks/machine_info.py, beside this script
+import retrieval_common  # benchmarks/retrieval_common.py
 
 _N = flags.DEFINE_integer("n", 10_000_000, "Rows N.")
 _DIM = flags.DEFINE_integer("dim", 384, "Embedding size d.")
@@ -68,11 +69,9 @@ def _write(directory: pathlib.Path, n: int, d: int, shard_rows: int, seed: int) 
 
 def _contender(conn, kind: str, spec: dict):
   """One process: sets up `kind`, runs the passes, sends times, memory and the result."""
-  import jax  # pylint: disable=g-import-not-at-top
   from dprdm_jax.privacy import keys  # pylint: disable=g-import-not-at-top
   from dprdm_jax.retrieval import host  # pylint: disable=g-import-not-at-top
   from dprdm_jax.retrieval import store as store_lib  # pylint: disable=g-import-not-at-top
-  from dprdm_jax.retrieval import subsample  # pylint: disable=g-import-not-at-top
   store = store_lib.EmbeddingStore(spec["store"], verify=False)
   b, k, q, queries = spec["b"], spec["k"], spec["q"], spec["queries"]
   sub_keys = keys.query_keys(spec["seed"], 0, b, keys.Stream.SUBSAMPLE)
@@ -87,16 +86,7 @@ def _contender(conn, kind: str, spec: dict):
   else:
     import faiss  # pylint: disable=g-import-not-at-top
     n = len(store)
-    # Our subsample's ids, in slices of queries and rows (XLA's temporaries stay small), before
-    # faiss takes its copy of the table.
-    keep, parts = subsample.limit(q), [[] for _ in range(b)]
-    for lo in range(0, n, 1 << 20):
-      ids = jax.numpy.arange(lo, min(n, lo + (1 << 20)), dtype=jax.numpy.uint32)
-      for s in range(0, b, 32):
-        member = np.asarray(subsample.membership(sub_keys[s:s + 32], ids, keep))
-        for i, row in enumerate(member):
-          parts[s + i].append(np.flatnonzero(row) + lo)
-    sampled = [np.concatenate(p) for p in parts]
+    sampled = retrieval_common.sampled_ids(n, b, spec["seed"], q)  # before faiss's copy
     # One add of the whole table: faiss grows its storage by doubling, so adding shard by shard
     # peaks at twice the table (killed for memory here at N = 10^7). The rows go through a
     # temporary memory-mapped file, whose pages the page cache can drop.
@@ -187,13 +177,10 @@ def main(argv):
     print(f"{label:>22} {qps[kind]:9.2f} {median * 1e3 / b:9.2f} {r['setup']:8.1f} "
           f"{r['peak'] / _GIB:9.2f} {(r['peak'] - r['base']) / raw:15.2f}")
   print(f"ratio ours / faiss (a): {qps['ours'] / qps['faiss']:.2f}")
-  (ids_a, scores_a, valid_a), (ids_b, scores_b, valid_b) = (results["ours"]["result"],
-                                                            results["faiss"]["result"])
-  differ = (ids_a != ids_b) | (valid_a != valid_b)
-  gap = np.where(valid_a & valid_b, np.abs(scores_a.astype(np.float64) - scores_b), 0.0)
-  print(f"same results: {int(differ.sum())} of {b * k} slots differ, "
-        f"{int((differ & ~(gap <= _TIE_TOLERANCE.value)).sum())} beyond ties; "
-        f"max |score diff| {gap.max():.1e}")
+  differ, mismatches, gap = retrieval_common.compare(
+      results["ours"]["result"], results["faiss"]["result"], _TIE_TOLERANCE.value)
+  print(f"same results: {differ} of {b * k} slots differ, {mismatches} beyond ties; "
+        f"max |score diff| {gap:.1e}")
   print("peak = VmHWM over the timed passes; libs = resident before the table was opened; "
         "ours' peak counts the store's mapped pages it touched (file-backed, evictable)")
   print(load.summary())

@@ -181,13 +181,16 @@ def pld_discretization(event: dp_accounting.DpEvent,
   return min(PLD_MAX_STEP, _loss_spread(event) / points_per_spread)
 
 
-def make_accountant(accountant: Accountant,
-                    discretization: float = PLD_MAX_STEP) -> dp_accounting.PrivacyAccountant:
-  """A fresh dp-accounting accountant under add-or-remove-one adjacency (`discretization`: the
-  PLD grid step; `epsilon` fits it to the event)."""
+def make_accountant(accountant: Accountant, event: dp_accounting.DpEvent,
+                    points_per_spread: int = PLD_POINTS_PER_SPREAD
+                    ) -> dp_accounting.PrivacyAccountant:
+  """A fresh dp-accounting accountant for `event` under add-or-remove-one adjacency; PLD's grid
+  is `pld_discretization(event, points_per_spread)`."""
   if check_accountant(accountant) == "rdp":
     return rdp.RdpAccountant(neighboring_relation=NEIGHBORING_RELATION)
-  return pld.PLDAccountant(NEIGHBORING_RELATION, value_discretization_interval=discretization)
+  return pld.PLDAccountant(NEIGHBORING_RELATION,
+                           value_discretization_interval=pld_discretization(event,
+                                                                            points_per_spread))
 
 
 def _queries(event: dp_accounting.DpEvent) -> int:
@@ -201,8 +204,8 @@ def _queries(event: dp_accounting.DpEvent) -> int:
 
 def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: Accountant,
             points_per_spread: int = PLD_POINTS_PER_SPREAD) -> float:
-  """Epsilon of `event` at `delta` (an upper bound; `inf` when sigma = 0). PLD runs on the grid
-  `pld_discretization(event, points_per_spread)`.
+  """Epsilon of `event` at `delta` (an upper bound; `inf` when sigma = 0), by
+  `make_accountant(accountant, event, points_per_spread)`.
 
   ValueError, naming the other accountant, where this one cannot compute it: PLD beyond
   PLD_MAX_QUERIES queries, or any history whose privacy loss the accountant cannot represent
@@ -214,8 +217,8 @@ def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: Accountant,
     raise errors.InputError(f"the PLD accountant composes at most {PLD_MAX_QUERIES:,} queries "
                             f"here, this history has {_queries(event):,}; use the RDP accountant")
   try:
-    step = pld_discretization(event, points_per_spread) if accountant == "pld" else PLD_MAX_STEP
-    return float(make_accountant(accountant, step).compose(event).get_epsilon(delta))
+    return float(make_accountant(accountant, event, points_per_spread).compose(event)
+                 .get_epsilon(delta))
   except (MemoryError, OverflowError, ZeroDivisionError, ValueError) as e:
     other = "RDP" if accountant == "pld" else "PLD"
     raise errors.InputError(f"the {accountant.upper()} accountant cannot compute this epsilon "

@@ -421,7 +421,8 @@ class Ledger:
     query ranges below the counter, unique nonces, the totals `charge` reads equal to the sums of
     the charges (a deleted or lowered total would let charges overspend), the composed epsilon
     within the budget, and every cached allowance within the budget (a forged allowance would let
-    a single-setting history overspend). Reads only; runs the accountant once per dataset and allowance.
+    a single-setting history overspend). Reads only; runs the accountant once per dataset and
+    allowance.
     """
     problems = [f"SQLite integrity_check: {r[0]}" for r in
                 self._db.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]

@@ -42,9 +42,9 @@ class DeviceTable(NamedTuple):
   """A store's rows on device: embeddings (N', d), ids (N',) uint32, present (N',) bool.
 
   N' >= N when the rows are padded to a multiple of 4 times the shard count; padding rows are not
-  present and are never retrieved. `embeddings` are the keys that queries are scored against; `values`
-  (N', d_v), if given, are what a retrieved slot returns instead of its key (the offline default
-  scores caption embeddings and averages image embeddings of the same records).
+  present and are never retrieved. `embeddings` are the keys that queries are scored against;
+  `values` (N', d_v), if given, are what a retrieved slot returns instead of its key (the offline
+  default scores caption embeddings and averages image embeddings of the same records).
   """
   embeddings: jax.Array
   ids: jax.Array

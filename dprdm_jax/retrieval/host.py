@@ -142,13 +142,14 @@ def scan_top_k(embeddings, ids, queries: np.ndarray, subsample_keys, sampling_ra
                            scores, positions)
     return scores, positions
 
-  jobs, offset = [], 0
+  parts, offset = [], 0
   for shard_ids, rows in shards:
     for start in range(0, len(shard_ids), job_rows):
-      args = (rows[start:start + job_rows], shard_ids[start:start + job_rows], offset + start)
-      jobs.append(_pool().submit(job, *args) if _WORKERS else _Done(job(*args)))
+      parts.append((rows[start:start + job_rows], shard_ids[start:start + job_rows],
+                    offset + start))
     offset += len(shard_ids)
-  results = [j.result() for j in jobs]
+  results = (list(_pool().map(lambda part: job(*part), parts)) if _WORKERS else
+             [job(*part) for part in parts])
   if not results:
     return np.zeros((b, k), np.int64), np.full((b, k), -np.inf, np.float32)
   scores = np.concatenate([r[0] for r in results], axis=1)
@@ -162,16 +163,6 @@ def scan_top_k(embeddings, ids, queries: np.ndarray, subsample_keys, sampling_ra
   best_positions = np.where(valid, best & np.uint64(0xFFFFFFFF), 0).astype(np.int64)
   best_scores = np.where(valid, _decode_scores(best), -np.inf).astype(np.float32)
   return best_positions, best_scores
-
-
-class _Done:
-  """A finished result with a future's `result()`, for the single-threaded scan."""
-
-  def __init__(self, value):
-    self._value = value
-
-  def result(self):
-    return self._value
 
 
 class HostRetriever:

@@ -25,7 +25,10 @@ no computation of that query's answer.
 import numba
 import numpy as np
 
-_HI_TAG, _LO_TAG = 1, 2  # as in subsample
+from dprdm_jax.retrieval import subsample
+
+# The definition of h(t, r), subsample's (numba freezes module globals as constants).
+_HI_TAG, _LO_TAG, _LANES = subsample.HI_TAG, subsample.LO_TAG, subsample.LANES
 _PARITY = 0x1BD11BDA  # Threefry's key-schedule constant
 # Rows per tile: about this many bytes of float32 rows stay in the core's cache while every
 # query of the batch is checked against them.
@@ -131,15 +134,15 @@ def scan_block(key_words, queries, rows, ids, first_position, keep, tile, scores
   for t0 in range(0, n, tile):
     t1 = min(t0 + tile, n)
     width = t1 - t0
-    dense = ids[t0] % 4 == 0 and np.int64(ids[t1 - 1]) - np.int64(ids[t0]) == width - 1
+    dense = ids[t0] % _LANES == 0 and np.int64(ids[t1 - 1]) - np.int64(ids[t0]) == width - 1
     if dense:  # one block per 4 ids
-      blocks = (width + 3) // 4
+      blocks = (width + _LANES - 1) // _LANES
       for g in range(blocks):
-        counters[g] = np.uint32(ids[t0] // 4 + g)
+        counters[g] = np.uint32(ids[t0] // _LANES + g)
     else:  # one block per id
       blocks = width
       for i in range(width):
-        counters[i] = np.uint32(ids[t0 + i] // 4)
+        counters[i] = np.uint32(ids[t0 + i] // _LANES)
     for b in range(queries.shape[0]):
       k0, k1 = key_words[b, 0], key_words[b, 1]
       threefry_blocks(k0, k1, counters[:blocks], _HI_TAG, w0, w1)
@@ -151,18 +154,18 @@ def scan_block(key_words, queries, rows, ids, first_position, keep, tile, scores
                    ((w1[g] & np.uint32(0xFFFF)) <= top) | ((w1[g] >> np.uint32(16)) <= top)
       else:
         for g in range(blocks):
-          hit[g] = _lane(w0[g], w1[g], ids[t0 + g] % 4) <= top
+          hit[g] = _lane(w0[g], w1[g], ids[t0 + g] % _LANES) <= top
       for g in range(blocks):
         if not hit[g]:
           continue
-        for i in range(4 * g, min(4 * g + 4, width)) if dense else range(g, g + 1):
+        for i in range(_LANES * g, min(_LANES * (g + 1), width)) if dense else range(g, g + 1):
           r = ids[t0 + i]
-          hi = _lane(w0[g], w1[g], r % 4)
+          hi = _lane(w0[g], w1[g], r % _LANES)
           if hi > top:
             continue
           if hi == top:  # 1 in 65,536: the lo half decides
-            l0, l1 = threefry2x32(k0, k1, np.uint32(r // 4), np.uint32(_LO_TAG))
-            if _lane(l0, l1, r % 4) > low:
+            l0, l1 = threefry2x32(k0, k1, np.uint32(r // _LANES), np.uint32(_LO_TAG))
+            if _lane(l0, l1, r % _LANES) > low:
               continue
           s = np.float32(0.0)
           for j in range(d):
@@ -172,4 +175,4 @@ def scan_block(key_words, queries, rows, ids, first_position, keep, tile, scores
 
 def tile_rows(dim: int) -> int:
   """Rows per tile for embeddings of width dim: about TILE_BYTES of float32, a multiple of 4."""
-  return max(4, TILE_BYTES // (4 * dim) // 4 * 4)
+  return max(_LANES, TILE_BYTES // (4 * dim) // _LANES * _LANES)

@@ -40,7 +40,7 @@ import numpy as np
 
 from dprdm_jax import errors
 
-_HI_TAG, _LO_TAG = 1, 2  # the second counter word of the two kinds of block
+HI_TAG, LO_TAG = 1, 2  # the second counter word of the two kinds of block
 LANES = 4  # 16-bit lanes per block: records per block
 
 
@@ -76,7 +76,7 @@ def _half_dense(key: jax.Array, first_group: jax.Array, groups: int, tag: int) -
 def hash_ids(key: jax.Array, ids: jax.Array) -> jax.Array:
   """h(t, r) of the module docstring for one query's key and uint32 ids of any shape."""
   flat = ids.astype(jnp.uint32).reshape(-1)
-  return ((_half(key, flat, _HI_TAG) << 16) | _half(key, flat, _LO_TAG)).reshape(ids.shape)
+  return ((_half(key, flat, HI_TAG) << 16) | _half(key, flat, LO_TAG)).reshape(ids.shape)
 
 
 def dense_ids(ids) -> bool:
@@ -105,15 +105,15 @@ def membership(subsample_keys: jax.Array, ids: jax.Array, keep: np.uint32) -> ja
   """
   ids = ids.astype(jnp.uint32)
   general = lambda: jax.vmap(
-      lambda key: _keep(_half(key, ids, _HI_TAG), _half(key, ids, _LO_TAG), keep))(subsample_keys)
+      lambda key: _keep(_half(key, ids, HI_TAG), _half(key, ids, LO_TAG), keep))(subsample_keys)
   if ids.shape[0] % LANES or ids.shape[0] == 0:
     return general()
   groups = ids.shape[0] // LANES
 
   def dense():
     first = ids[0] // LANES
-    return jax.vmap(lambda key: _keep(_half_dense(key, first, groups, _HI_TAG),
-                                      _half_dense(key, first, groups, _LO_TAG), keep))(
+    return jax.vmap(lambda key: _keep(_half_dense(key, first, groups, HI_TAG),
+                                      _half_dense(key, first, groups, LO_TAG), keep))(
                                           subsample_keys)
 
   return jax.lax.cond(dense_ids(ids), dense, general)
@@ -123,5 +123,5 @@ def membership(subsample_keys: jax.Array, ids: jax.Array, keep: np.uint32) -> ja
 def candidate_membership(subsample_keys: jax.Array, ids: jax.Array, keep: np.uint32) -> jax.Array:
   """(B, C) bool for a per-query candidate list ids (B, C): the same decisions as `membership`."""
   ids = ids.astype(jnp.uint32)
-  return jax.vmap(lambda key, row: _keep(_half(key, row, _HI_TAG), _half(key, row, _LO_TAG),
+  return jax.vmap(lambda key, row: _keep(_half(key, row, HI_TAG), _half(key, row, LO_TAG),
                                          keep))(subsample_keys, ids)
