@@ -9,7 +9,11 @@ What is measured, with `dprdm_jax.privacy.accounting` (Google's dp-accounting un
 - PLD calibrations at the settings of configs/coco.py and configs/cifar10.py and two extremes;
 - the PLD grid (`accounting.pld_discretization`, 20 points per spread of one query's privacy
   loss) against grids 5 times finer and the fixed step of 1e-4 used before: epsilon and seconds
-  on eight settings, so that the grid's accuracy is measured, not assumed.
+  on eight settings, so that the grid's accuracy is measured, not assumed;
+- the start-up of the command line: wall seconds of the whole `dprdm privacy epsilon` command (the
+  console script beside this Python, a fresh process each time), against a bare interpreter and
+  against `import dp_accounting` alone, the floor for any command that uses it: median of
+  --startup_reps runs.
 
 Peer, measured in the same run: the DP-RDM authors' accountant, Opacus' RDP analysis
 (`compute_rdp` + `get_privacy_spent` over Opacus' default orders for epsilon, and
@@ -29,6 +33,8 @@ from importlib import metadata
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -46,6 +52,7 @@ from dprdm_jax.privacy import accounting
 _REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions of each epsilon computation.")
 _CALIBRATION_REPS = flags.DEFINE_integer("calibration_reps", 1,
                                          "Timed calibrations per accountant.")
+_STARTUP_REPS = flags.DEFINE_integer("startup_reps", 10, "Timed runs of each start-up command.")
 
 _SIGMA = 0.2
 _SAMPLING_RATE = 0.01
@@ -113,6 +120,30 @@ def _grid_rows() -> list[str]:
     lines.append(f"{f'{q:g}, {z:g}, {t:,}, {delta:.2g}':>34}  " + "  ".join(
         f"{eps:9.5f} {100 * (eps / reference - 1):+6.3f}% {seconds:4.2f}s"
         for eps, seconds in cells))
+  return lines
+
+
+def _startup_rows() -> list[str]:
+  """Median wall seconds of fresh processes: the CLI command, import dp_accounting, bare Python."""
+  script = os.path.join(os.path.dirname(sys.executable), "dprdm")
+  if not os.path.exists(script):
+    raise app.UsageError(f"no console script at {script}: install the package into this Python")
+  epsilon = [script, "privacy", "epsilon", "--sigma", str(_SIGMA), "--sampling-rate",
+             str(_SAMPLING_RATE), "--neighbors", str(_NEIGHBORS), "--queries",
+             str(_CALIBRATION_QUERIES), "--delta", str(_DELTA)]
+  commands = [("dprdm privacy epsilon (RDP and PLD, T = 1,000)", epsilon),
+              ("python -c 'import dp_accounting' (floor)",
+               [sys.executable, "-c", "import dp_accounting"]),
+              ("python -c pass (interpreter)", [sys.executable, "-c", "pass"])]
+  lines = []
+  for name, command in commands:
+    runs = []
+    for _ in range(_STARTUP_REPS.value):
+      start = time.perf_counter()
+      subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+      runs.append(time.perf_counter() - start)
+    lines.append(f"  {name:<48} median {statistics.median(runs):.2f} s "
+                 f"(min {min(runs):.2f}, max {max(runs):.2f})")
   return lines
 
 
@@ -191,6 +222,9 @@ def main(argv):
   print("PLD grids: epsilon, its difference from the grid 5 times finer, seconds (every grid "
         "gives an upper bound):")
   print("\n".join(_grid_rows()))
+  print()
+  print(f"start-up, wall seconds of a fresh process, {_STARTUP_REPS.value} runs each:")
+  print("\n".join(_startup_rows()))
   print(load.summary())
 
 

@@ -223,17 +223,21 @@ class EmbeddingStore:
 
   def take(self, positions: np.ndarray) -> np.ndarray:
     """(len(positions), d) float32 rows at table positions (shards numbered in order), read from
-    the shards in place: a multi-shard store is never concatenated."""
+    the shards in place: a multi-shard store is never concatenated. StoreError for a position
+    outside the table."""
     positions = np.asarray(positions, np.int64)
+    if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+      raise StoreError(f"positions must be in [0, {len(self)}), got "
+                       f"{positions.min()}..{positions.max()}")
+    if len(self._shards) == 1 and self._shards[0][1].dtype == np.float32:
+      # Into a new array: np.take with out= and mode "raise" copies through a buffer (4x slower).
+      return np.take(np.asarray(self._shards[0][1]), positions, axis=0)
     out = np.empty((len(positions), self.dim), np.float32)
     start = 0
     for ids, rows in self._shards:
       rows = np.asarray(rows)  # the mapped array without np.memmap's per-item overhead
-      if len(self._shards) == 1 and rows.dtype == np.float32:
-        np.take(rows, positions, axis=0, out=out)
-      else:
-        inside = (positions >= start) & (positions < start + len(ids))
-        out[inside] = rows[positions[inside] - start]
+      inside = (positions >= start) & (positions < start + len(ids))
+      out[inside] = rows[positions[inside] - start]
       start += len(ids)
     return out
 

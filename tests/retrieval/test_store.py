@@ -105,6 +105,18 @@ def test_written_shard_by_shard_it_equals_the_store_written_at_once(tmp_path):
   np.testing.assert_array_equal(parts.embeddings, whole.embeddings)
   np.testing.assert_array_equal(parts.take(np.array([249, 0, 61, 120])),
                                 whole.embeddings[[249, 0, 61, 120]])
+  for store in (parts, whole):  # 5 and 3 shards
+    with pytest.raises(store_lib.StoreError, match=r"must be in \[0, 250\)"):
+      store.take(np.array([3, 250]))
+    with pytest.raises(store_lib.StoreError, match=r"must be in \[0, 250\)"):
+      store.take(np.array([-1]))
+  one = store_lib.EmbeddingStore.write(tmp_path / "one", x, ids)
+  assert len(one.shards) == 1
+  np.testing.assert_array_equal(one.take(np.array([249, 0, 61, 61])),
+                                whole.embeddings[[249, 0, 61, 61]])
+  assert one.take(np.array([], np.int64)).shape == (0, 8)
+  with pytest.raises(store_lib.StoreError, match=r"must be in \[0, 250\)"):
+    one.take(np.array([250]))
   with pytest.raises(store_lib.StoreError, match="do not ascend"):
     store_lib.EmbeddingStore.write_shards(
         tmp_path / "bad", [(ids[60:120], x[60:120]), (ids[:60], x[:60])], 8)
