@@ -87,9 +87,11 @@ def get_config(arg=None):
   # `dprdm generate`: the private retrieval set (keys: caption embeddings, values: image
   # embeddings of the same records), the public one for --mode public, and the ledger file that
   # holds the private set's budget and secret seed (mode 0600; back it up, never copy it around).
+  # retrieval: "device" (the table on device, one program a batch) or "host" (the stores' files
+  # searched in place by the host's compiled scan: a set larger than device memory).
   config.generate = ml_collections.ConfigDict(dict(
       out="runs/default/generate", ledger="runs/default/ledger.db", batch_size=64,
-      checkpoint="", private_keys=emb + "/" + private + "-train/captions",
+      retrieval="device", checkpoint="", private_keys=emb + "/" + private + "-train/captions",
       private_values=emb + "/" + private + "-train/images",
       public_keys=emb + "/" + public + "-train/captions",
       public_values=emb + "/" + public + "-train/images"))

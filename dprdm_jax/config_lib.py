@@ -176,9 +176,11 @@ def real_data_config(arg: ml_collections.ConfigDict, *, private: str, private_sp
       num_neighbors=4, batch_size=1280, steps=100_000, learning_rate=1e-4, warmup_steps=5000,
       grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999, seed=follow(config, "seed"),
       log_every=100, checkpoint_every=2000, keep_checkpoints=3))
+  # retrieval: "device" (the table sharded over the mesh) or "host" (a set larger than device
+  # memory, searched in place by the host's compiled scan; dprdm_jax/generate.py).
   config.generate = ml_collections.ConfigDict(dict(
-      out=f"{own}/generate", ledger=f"{own}/ledger.db", batch_size=256, checkpoint="",
-      private_keys=private_dir + "/captions", private_values=private_dir + "/images",
+      out=f"{own}/generate", ledger=f"{own}/ledger.db", batch_size=256, retrieval="device",
+      checkpoint="", private_keys=private_dir + "/captions", private_values=private_dir + "/images",
       public_keys=public_dir + "/captions", public_values=public_dir + "/images"))
   # `dprdm evaluate`, judged by the same CLIP (evaluate/judges.py): FD, KID and prdc on CLIP
   # image features against a held-out split of the private dataset, and the CLIP score.

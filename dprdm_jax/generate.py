@@ -13,20 +13,24 @@ One prompt is one query and one image. Modes (`MODES`):
 Each batch of prompts runs as ONE compiled program from query embeddings to images on the mesh:
 retrieval (`retrieval.device`, the table sharded by rows over the mesh's data axis when it has
 several devices), aggregation (`privacy.aggregate`), and DDIM with classifier-free guidance
-(`diffusion.sampler`) from the U-Net's EMA parameters. A run's batches hold config.generate.
-batch_size prompts, or all of them when there are fewer, rounded up to the batch devices; a
-batch shorter than that (the last one) is padded with copies of its first query,
-keys included: a copy computes exactly its original's context, so it reveals nothing more, and
-it is dropped before anything is written.
+(`diffusion.sampler`) from the U-Net's EMA parameters. With config.generate.retrieval = "host"
+the table stays in the stores' files instead, for a retrieval set larger than device memory (or
+a CPU, where the host's compiled scan is the faster search): the exact private retrieval runs on
+the host (`retrieval.host.HostRetriever`, the same neighbours as the device path for the same
+keys), and the aggregation and DDIM run as one compiled program. A run's batches hold
+config.generate.batch_size prompts, or all of them when there are fewer, rounded up to the batch
+devices; a batch shorter than that (the last one) is padded with copies of its first query, keys
+included: a copy computes exactly its original's context, so it reveals nothing more, and it is
+dropped before anything is written.
 
 Privacy (the only public path to private retrieval in this module is `generate_private`, which
 takes a `ledger.Grant`; `generate` reaches the unprotected "nonprivate" comparison only with
-allow_nonprivate=True): sigma, q, k and every subsample and noise key come from the grant; the grant's
-fingerprint must be the private set's; the grant is obtained (durably charged) by `generate`
-before the private stores are opened beyond their manifests, so a batch the budget cannot cover
-is refused (`ledger.BudgetExceededError`, naming spent and remaining epsilon) with no private row
-read. A crash after a charge leaves it spent; a batch's images are written only after the whole
-batch is computed, so a partial batch is never released.
+allow_nonprivate=True): sigma, q, k and every subsample and noise key come from the grant, on
+either route; the grant's fingerprint must be the private set's; the grant is obtained (durably
+charged) by `generate` before the private stores are opened beyond their manifests, so a batch
+the budget cannot cover is refused (`ledger.BudgetExceededError`, naming spent and remaining
+epsilon) with no private row read. A crash after a charge leaves it spent; a batch's images are
+written only after the whole batch is computed, so a partial batch is never released.
 
 Output in OUT: one PNG and one JSON record per prompt (NNNNN.png, NNNNN.json, NNNNN the prompt's
 position), records.jsonl with every record, in prompt order, and grid.png (a row per distinct
@@ -42,7 +46,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +65,16 @@ from dprdm_jax.privacy import aggregate
 from dprdm_jax.privacy import keys as keys_lib
 from dprdm_jax.privacy import ledger as ledger_lib
 from dprdm_jax.retrieval import device
+from dprdm_jax.retrieval import host
 from dprdm_jax.retrieval import store as store_lib
 
 MODES = ("private", "public", "nonprivate", "none")
 ADJACENCY = "add-or-remove-one record"
+
+
+# Where retrieval runs (config.generate.retrieval): the device program, or the host's scan.
+RETRIEVAL = ("device", "host")
+Table = Union[device.DeviceTable, host.HostRetriever]
 
 
 class GenerateError(errors.InputError):
@@ -133,12 +143,20 @@ class RetrievalSet:
     self.size = len(self._values)
     self.key_dim, self.value_dim = self._keys.dim, self._values.dim
 
-  def table(self, mesh: jax.sharding.Mesh) -> device.DeviceTable:
-    """Every row on device (sharded by rows over `data` when the mesh has several devices),
-    after recomputing both fingerprints (StoreError if a store's data no longer matches)."""
+  def table(self, mesh: jax.sharding.Mesh,
+            where: str = "device") -> Table:
+    """The searchable table, after recomputing both fingerprints (StoreError if a store's data
+    no longer matches): where = "device", every row on device (sharded by rows over `data` when
+    the mesh has several devices); "host", a HostRetriever that reads the stores' files in place.
+    """
+    if where not in RETRIEVAL:
+      raise GenerateError(f"config.generate.retrieval must be one of {', '.join(RETRIEVAL)}, got "
+                          f"{where!r}")
     stores = [store_lib.EmbeddingStore(d) for d in (self.keys_dir, self.values_dir)]
     if not np.array_equal(stores[0].ids, stores[1].ids):
       raise GenerateError(f"{self.keys_dir} and {self.values_dir} hold different record ids")
+    if where == "host":
+      return host.HostRetriever(stores[0], values=stores[1])
     shards = mesh.shape["data"] > 1
     return device.DeviceTable.from_arrays(
         np.asarray(stores[0].embeddings, np.float32), stores[0].ids,
@@ -190,7 +208,8 @@ class Generator:
 
   def _program(self, kind: str, rows: int, sampling_rate: Optional[float] = None,
                k: Optional[int] = None):
-    """One jitted function per (kind, rows, q, k): retrieval + aggregation + DDIM, or DDIM alone."""
+    """One jitted function per (kind, rows, q, k): retrieval + aggregation + DDIM ("retrieve"),
+    aggregation + DDIM of neighbours retrieved on the host ("aggregate"), or DDIM alone ("none")."""
     name = (kind, rows, sampling_rate, k)
     if name in self._programs:
       return self._programs[name]
@@ -218,6 +237,12 @@ class Generator:
         context = aggregate.aggregate(found.embeddings, found.valid, prompt_values, noise_keys,
                                       noise_std, interpolation)
         return draw(params, context, sample_key, guidance_scale)
+    elif kind == "aggregate":
+      def run(params, embeddings, valid, prompt_values, noise_keys, noise_std, interpolation,
+              sample_key, guidance_scale):
+        context = aggregate.aggregate(embeddings, valid, prompt_values, noise_keys, noise_std,
+                                      interpolation)
+        return draw(params, context, sample_key, guidance_scale)
     else:
       def run(params, prompt_values, sample_key, guidance_scale):
         return draw(params, prompt_values[:, None, :], sample_key, guidance_scale)
@@ -234,7 +259,7 @@ class Generator:
     return [pad(a) for a in arrays]
 
   def generate_private(self, grant: ledger_lib.Grant, retrieval_set: RetrievalSet,
-                       table: device.DeviceTable, prompts: list[str], sample_key: jax.Array,
+                       table: Table, prompts: list[str], sample_key: jax.Array,
                        rows: Optional[int] = None, interpolation: Optional[float] = None,
                        guidance_scale: Optional[float] = None) -> np.ndarray:
     """DP-RDM images (B, R, R, C) uint8 for the grant's B queries (computed in a program of `rows`
@@ -258,7 +283,7 @@ class Generator:
                                    interpolation, guidance_scale)
 
   def _generate_free(self, mode: str, prompts: list[str], sample_key: jax.Array,
-                     table: Optional[device.DeviceTable], rows: int, k: Optional[int] = None,
+                     table: Optional[Table], rows: int, k: Optional[int] = None,
                      interpolation: Optional[float] = None,
                      guidance_scale: Optional[float] = None) -> np.ndarray:
     """Images for the modes that spend no budget: "public" and "nonprivate" (q = 1, sigma = 0:
@@ -288,11 +313,17 @@ class Generator:
     text, values = self.embed_prompts(prompts)
     queries, values, subsample_keys, noise_keys = self._pad(rows,
         jnp.asarray(self.queries(text, values)), jnp.asarray(values), subsample_keys, noise_keys)
-    out = self._program("retrieve", rows, sampling_rate, k)(
-        self.params, table, queries, values, subsample_keys, noise_keys,
-        jnp.float32(noise_std),
-        jnp.float32(self.config.privacy.interpolation if interpolation is None else interpolation),
-        sample_key, self._guidance(guidance_scale))
+    interpolation = jnp.float32(self.config.privacy.interpolation if interpolation is None
+                                else interpolation)
+    if isinstance(table, host.HostRetriever):
+      found = table.retrieve(np.asarray(queries), subsample_keys, sampling_rate, k)
+      out = self._program("aggregate", rows)(
+          self.params, found.embeddings, found.valid, values, noise_keys, jnp.float32(noise_std),
+          interpolation, sample_key, self._guidance(guidance_scale))
+    else:
+      out = self._program("retrieve", rows, sampling_rate, k)(
+          self.params, table, queries, values, subsample_keys, noise_keys,
+          jnp.float32(noise_std), interpolation, sample_key, self._guidance(guidance_scale))
     return self._finish(out, len(prompts))
 
   def _finish(self, images: jax.Array, n: int) -> np.ndarray:
@@ -369,6 +400,9 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
     raise GenerateError("mode 'nonprivate' retrieves from the private set without subsampling or "
                         "noise (epsilon = infinity); it is for comparison only and must be asked "
                         "for explicitly (allow_nonprivate=True, --allow-nonprivate)")
+  if config.generate.retrieval not in RETRIEVAL:  # before anything is charged
+    raise GenerateError(f"config.generate.retrieval must be one of {', '.join(RETRIEVAL)}, got "
+                        f"{config.generate.retrieval!r}")
   gen = generator or Generator(config)
   _check_generator(gen, config)
   prompts = gen.check_prompts(prompts)
@@ -399,7 +433,7 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
   else:
     privacy.update(epsilon=0.0, note="no private data is used")
   if mode != "private" and retrieval_set is not None:
-    table = retrieval_set.table(gen.mesh)
+    table = retrieval_set.table(gen.mesh, g.retrieval)
 
   p, d = config.privacy, config.diffusion
   retrieval = {"private": (p.num_neighbors, p.sampling_rate, p.noise_std, p.interpolation),
@@ -421,7 +455,7 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
       if mode == "private":
         grant = book.charge(retrieval_set.fingerprint, _mechanism(config), len(batch))
         if table is None:  # the first private read, after the first charge
-          table = retrieval_set.table(gen.mesh)
+          table = retrieval_set.table(gen.mesh, g.retrieval)
         images = gen.generate_private(grant, retrieval_set, table, texts, sample_key, rows,
                                       p.interpolation, d.guidance_scale)
         (spent,) = book.status(grant.fingerprint)

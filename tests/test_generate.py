@@ -23,6 +23,8 @@ from dprdm_jax import sharding
 from dprdm_jax.privacy import accounting
 from dprdm_jax.privacy import keys as keys_lib
 from dprdm_jax.privacy import ledger as ledger_lib
+from dprdm_jax.retrieval import device
+from dprdm_jax.retrieval import host
 from dprdm_jax.retrieval import store as store_lib
 from tests import conftest
 from tests.test_configs import load
@@ -232,6 +234,81 @@ def test_private_images_use_the_grant_keys_and_sharded_equals_one_device(setup, 
   assert not np.array_equal(other, single)  # fresh subsample and noise keys, same x_T
   assert not np.array_equal(grants[0].keys(keys_lib.Stream.NOISE),
                             grants[1].keys(keys_lib.Stream.NOISE))
+
+
+@pytest.mark.slow
+def test_host_retrieval_draws_what_the_device_program_draws(setup, tmp_path):
+  """config.generate.retrieval = "host": the same neighbours as the device program for the same
+  grant (so the same images, up to rounding), on one device and sharded over 8."""
+  config = _config(setup)
+  g = config.generate
+  retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as book:
+    book.register(retrieval_set.fingerprint, 10.0, 1e-3)
+    grant = book.charge(retrieval_set.fingerprint, accounting.Mechanism(0.5, 0.5, 4), 3)
+  on_host = retrieval_set.table(None, "host")
+  assert isinstance(on_host, host.HostRetriever)
+  one = generate.Generator(config, sharding.make_mesh({}, jax.devices()[:1]))
+  on_device = retrieval_set.table(one.mesh)
+  text, values = one.embed_prompts(PROMPTS)
+  queries = one.queries(text, values)
+  subsample_keys = grant.keys(keys_lib.Stream.SUBSAMPLE)
+  found = on_host.retrieve(queries, subsample_keys, 0.5, 4)
+  expected = jax.tree.map(np.asarray, device.private_knn(on_device, queries, subsample_keys,
+                                                         0.5, 4))
+  np.testing.assert_array_equal(found.ids, expected.ids)
+  np.testing.assert_array_equal(found.valid, expected.valid)
+  np.testing.assert_array_equal(found.embeddings, expected.embeddings)  # the values' rows
+  assert found.valid.all() and found.embeddings.shape == (3, 4, values.shape[1])
+  key = jax.random.key(5)
+  device_images = one.generate_private(grant, retrieval_set, on_device, PROMPTS, key)
+  host_images = one.generate_private(grant, retrieval_set, on_host, PROMPTS, key)
+  assert np.abs(device_images.astype(int) - host_images.astype(int)).max() <= 1
+  sharded = generate.Generator(config)  # 8 devices: the neighbours go to the batch's shards
+  host_sharded = sharded.generate_private(grant, retrieval_set, on_host, PROMPTS, key)
+  assert np.abs(host_sharded.astype(int) - host_images.astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+def test_generate_on_the_host_route_charges_first_and_refuses_before_reading_rows(
+    setup, generator, tmp_path, monkeypatch):
+  b = generator.batch_size
+  m = accounting.Mechanism(*(_config(setup).privacy[f] for f in ("noise_std", "sampling_rate",
+                                                                 "num_neighbors")))
+  budget = accounting.history_epsilon({m: b}, 1 / PRIVATE_RECORDS, "pld") * 1.0001
+  config = _config(setup, "--config.generate.retrieval=host",
+                   f"--config.privacy.epsilon_budget={budget}")
+  ledger = str(tmp_path / "l.db")
+  opened = []
+  real = generate.RetrievalSet.table
+
+  def counted(self, mesh, where="device"):
+    opened.append(where)
+    return real(self, mesh, where)
+
+  monkeypatch.setattr(generate.RetrievalSet, "table", counted)
+  summary = generate.generate(config, PROMPTS[:2], tmp_path / "out", "private", ledger,
+                              generator=generator, progress=False)
+  assert summary["generated_now"] == 2 and opened == ["host"]
+  assert [r["query"] for r in _records(tmp_path / "out")] == [0, 1]
+  for r in _records(tmp_path / "out"):
+    assert np.asarray(Image.open(tmp_path / "out" / r["image"])).std() > 0
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the private stores were opened")
+
+  monkeypatch.setattr(generate.RetrievalSet, "table", refuse)
+  monkeypatch.setattr(store_lib.EmbeddingStore, "take", refuse)
+  with pytest.raises(ledger_lib.BudgetExceededError, match="remaining epsilon"):
+    generate.generate(config, PROMPTS * b, tmp_path / "more", "private", ledger,
+                      generator=generator, progress=False)
+  with ledger_lib.Ledger(ledger) as book:
+    assert book.status()[0].queries == 2
+  bad = _config(setup, "--config.generate.retrieval=gpu")
+  with pytest.raises(generate.GenerateError, match="must be one of device, host"):
+    generate.generate(bad, PROMPTS, tmp_path / "bad", "private", str(tmp_path / "bad.db"),
+                      generator=generator, progress=False)
+  assert not (tmp_path / "bad.db").exists()
 
 
 @pytest.mark.slow

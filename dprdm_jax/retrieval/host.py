@@ -176,7 +176,7 @@ class HostRetriever:
 
   def __init__(self, store: store_lib.EmbeddingStore,
                index: Optional[index_lib.ScannIndex] = None, margin: float = 2.0,
-               method: str = "auto"):
+               method: str = "auto", values: Optional[store_lib.EmbeddingStore] = None):
     """A retriever over `store`; PrivateRetrievalError for an approximate index.
 
     index: an exact ScaNN index of the same store, for "scann" only. The scan reads the store's
@@ -186,6 +186,9 @@ class HostRetriever:
       usually finds k members (a Binomial(C, q) count with mean margin * k).
     method: "scan", "scann" (needs the index), or "auto": "scann" above SCAN_MAX_RATE when there
       is an index, "scan" otherwise (see the module docstring).
+    values: a store of the same records (the same ids) whose rows the neighbours' `embeddings`
+      are read from, as a DeviceTable's values: e.g. image embeddings retrieved by caption keys.
+      By default the neighbours' own rows of `store`.
     """
     if method not in METHODS:
       raise errors.InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -201,7 +204,11 @@ class HostRetriever:
         raise PrivateRetrievalError("the index was not built from this store (record ids differ)")
     elif method == "scann":
       raise errors.InputError("method 'scann' needs an exact ScaNN index of the store")
+    if values is not None and not np.array_equal(values.ids, self._ids):
+      raise errors.InputError("the values store holds other records than the store (record ids "
+                              "differ)")
     self._store = store
+    self._values = store if values is None else values
     self._dim = store.dim
     self._index = index
     self._margin = margin
@@ -209,7 +216,8 @@ class HostRetriever:
 
   def retrieve(self, queries: np.ndarray, subsample_keys, sampling_rate: float,
                k: int) -> device.Neighbors:
-    """The top-k of each query's Poisson subsample, as numpy arrays in `device.Neighbors`.
+    """The top-k of each query's Poisson subsample, as numpy arrays in `device.Neighbors`
+    (embeddings from the values store when there is one).
 
     Args:
       queries: (B, d) finite float32 query embeddings.
@@ -237,7 +245,8 @@ class HostRetriever:
       positions, scores = scan_top_k([rows for _, rows in shards], [ids for ids, _ in shards],
                                      queries, subsample_keys, sampling_rate, k)
       valid = scores > -np.inf
-      embeddings = self._store.take(positions.ravel()).reshape(positions.shape + (self._dim,))
+      embeddings = self._values.take(positions.ravel()).reshape(
+          positions.shape + (self._values.dim,))
       embeddings[~valid] = 0.0
       return device.Neighbors(embeddings,
                               np.where(valid, self._ids[positions], 0).astype(np.uint32), valid,
@@ -247,7 +256,7 @@ class HostRetriever:
   def _retrieve_scann(self, queries, subsample_keys, sampling_rate, k) -> device.Neighbors:
     b, n = len(queries), len(self._ids)
     keep = subsample.limit(sampling_rate)
-    out = device.Neighbors(np.zeros((b, k, queries.shape[1]), np.float32),
+    out = device.Neighbors(np.zeros((b, k, self._values.dim), np.float32),
                            np.zeros((b, k), np.uint32), np.zeros((b, k), bool),
                            np.full((b, k), -np.inf, np.float32))
     pending = np.arange(b)
@@ -275,4 +284,4 @@ class HostRetriever:
     out.ids[query, :j] = ids
     out.valid[query, :j] = True
     out.scores[query, :j] = scores
-    out.embeddings[query, :j] = self._store.take(np.searchsorted(self._ids, ids))
+    out.embeddings[query, :j] = self._values.take(np.searchsorted(self._ids, ids))

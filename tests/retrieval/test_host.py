@@ -202,3 +202,31 @@ def test_without_an_index_the_scan_answers_and_scann_is_refused(tmp_path):
     np.testing.assert_array_equal(as_int_ids(alone), as_int_ids(with_index))
   with pytest.raises(ValueError, match="needs an exact ScaNN index"):
     host.HostRetriever(store, method="scann")
+
+
+@pytest.mark.parametrize("method", ["scan", "scann"])
+def test_values_come_from_the_values_store_as_on_device(tmp_path, method):
+  """Keys in one store, values (another width) in another of the same records: the neighbours
+  are the keys' top k, their embeddings the values' rows, as a DeviceTable with values gives."""
+  rng = np.random.default_rng(15)
+  n, b, d, dv, q, k = 800, 5, 16, 8, 0.2, 6
+  ids = np.sort(rng.choice(10**6, n, replace=False))
+  keys_rows = ref.sign_rows(rng, n, d)
+  values_rows = rng.normal(size=(n, dv)).astype(np.float32)
+  store, index = make(tmp_path, keys_rows, ids)
+  values = store_lib.EmbeddingStore.write(tmp_path / "values", values_rows, ids)
+  queries = ref.sign_rows(rng, b, d)
+  keys = ref.subsample_keys(b)
+  found = host.HostRetriever(store, index, method=method, values=values).retrieve(
+      queries, keys, q, k)
+  on_device = jax.tree.map(np.asarray, device.private_knn(
+      device.DeviceTable.from_arrays(np.asarray(store.embeddings), store.ids,
+                                     values=np.asarray(values.embeddings)), queries, keys, q, k))
+  for a, b_ in zip(found, on_device):
+    np.testing.assert_array_equal(a, b_)
+  assert found.embeddings.shape == (b, k, dv) and found.valid.all()
+  position = np.searchsorted(ids, found.ids.astype(np.int64))
+  np.testing.assert_array_equal(found.embeddings, np.asarray(values.embeddings)[position])
+  other = store_lib.EmbeddingStore.write(tmp_path / "other", values_rows, ids + 1)
+  with pytest.raises(ValueError, match="other records"):
+    host.HostRetriever(store, values=other)
