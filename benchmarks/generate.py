@@ -17,13 +17,17 @@ first):
   torch under `no_grad`. It retrieves nothing and writes nothing, so the ratio flatters it.
 
 Each contender runs in its own process; each figure is the median of --reps timed calls after
-one untimed call (ours compiles in it). Ours runs twice, on JAX's one CPU device ("ours") and on
-one CPU device per core ("ours-cores", as `launch/local.sh` runs the jobs on a CPU; the batch
-of 64 is split over them).
+one untimed call (ours compiles in it). Ours runs three times: on JAX's one CPU device ("ours"),
+on one CPU device per core ("ours-cores", as `launch/local.sh` runs the jobs on a CPU; the batch
+of 64 is split over them), and on one device per core with the retrieval on the host
+("ours-host", --config.generate.retrieval=host: `HostRetriever`'s scan over the stores' files,
+then aggregation and DDIM as one program; its retrieval share is that scan plus the jitted
+aggregation).
 
   python benchmarks/generate.py          # from the repository root, with the bench extra installed
 """
 
+import functools
 import json
 import pathlib
 import tempfile
@@ -39,7 +43,7 @@ from dprdm_jax import train
 from dprdm_jax.data import offline
 
 _REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (median taken).")
-_CONTENDER = flags.DEFINE_enum("contender", None, ["ours", "ours-cores", "diffusers"],
+_CONTENDER = flags.DEFINE_enum("contender", None, ["ours", "ours-cores", "ours-host", "diffusers"],
                                "Measure one contender (default: all, each in a subprocess).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "releases/offline-default",
                                   "The U-Net: a release or a `dprdm train` work directory.")
@@ -69,19 +73,25 @@ def _ours(config) -> dict:
   t_batch = machine_info.median_seconds(batch, _REPS.value, 1)
   g, p = config.generate, config.privacy
   retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
-  table = retrieval_set.table(gen.mesh)
+  table = retrieval_set.table(gen.mesh, g.retrieval)
   text, values = gen.embed_prompts(prompts)
   queries = gen.queries(text, values)
   subsample_keys = keys_lib.query_keys(1, 0, BATCH, keys_lib.Stream.SUBSAMPLE)
   noise_keys = keys_lib.query_keys(1, 0, BATCH, keys_lib.Stream.NOISE)
+  aggregate_jit = jax.jit(functools.partial(aggregate.aggregate, noise_std=p.noise_std,
+                                            interpolation=p.interpolation))
 
   @jax.jit
   def retrieve_and_aggregate(table, queries, values, subsample_keys, noise_keys):
     found = device.private_knn(table, queries, subsample_keys, p.sampling_rate, p.num_neighbors)
-    return aggregate.aggregate(found.embeddings, found.valid, values, noise_keys, p.noise_std,
-                               p.interpolation)
+    return aggregate_jit(found.embeddings, found.valid, values, noise_keys)
+
+  def on_host():
+    found = table.retrieve(queries, subsample_keys, p.sampling_rate, p.num_neighbors)
+    return jax.block_until_ready(aggregate_jit(found.embeddings, found.valid, values, noise_keys))
 
   t_retrieval = machine_info.median_seconds(
+      on_host if g.retrieval == "host" else
       lambda: jax.block_until_ready(retrieve_and_aggregate(table, queries, values, subsample_keys,
                                                            noise_keys)), 5, 1)
   return dict(images_per_second=BATCH / t_batch, batch_seconds=t_batch,
@@ -118,7 +128,9 @@ def _diffusers(config) -> dict:
 
 def main(argv):
   config = config_lib.load("configs/default.py",
-                           f"--config.generate.checkpoint={_CHECKPOINT.value}")
+                           f"--config.generate.checkpoint={_CHECKPOINT.value}",
+                           *(["--config.generate.retrieval=host"]
+                             if _CONTENDER.value == "ours-host" else []))
   if _CONTENDER.value:
     print(json.dumps((_diffusers if _CONTENDER.value == "diffusers" else _ours)(config)))
     return
@@ -127,12 +139,13 @@ def main(argv):
         f"guidance {d.guidance_scale}, eta {d.eta}, x0 clipped to {d.clip_x0}")
   load_meter = machine_info.BackgroundLoad()
   load_meter.start()
-  rates = machine_info.run_contenders(argv, ("ours", "ours-cores", "diffusers"),
-                                      {"ours-cores": machine_info.ONE_DEVICE_PER_CORE})
+  rates = machine_info.run_contenders(argv, ("ours", "ours-cores", "ours-host", "diffusers"),
+                                      {"ours-cores": machine_info.ONE_DEVICE_PER_CORE,
+                                       "ours-host": machine_info.ONE_DEVICE_PER_CORE})
   peer = rates["diffusers"][1]
   print(f"diffusers DDIM on the matched U-Net (torch {peer['torch']}, {peer['threads']} threads): "
         f"{peer['images_per_second']:.2f} images/s")
-  for name in ("ours", "ours-cores"):
+  for name in ("ours", "ours-cores", "ours-host"):
     ours = rates[name][1]
     print(f"{name}: dprdm generate (private, charged, {ours['private_records']:,} private "
           f"records, {ours['devices']} JAX CPU device(s)): {ours['images_per_second']:.2f} "
