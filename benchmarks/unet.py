@@ -20,8 +20,10 @@ devices. On one device the many small operations of a small U-Net leave the seco
 (a profile showed 417 ms of CPU in a 370 ms step on two cores); one device per core keeps both
 busy. Torch uses its default threads (one per core) either way.
 
-Both models are printed with their parameter counts. Each figure is the median of --reps timed calls after --warmup untimed
-ones (ours compiles during the warm-up). Each contender runs in its own process, one after the
+Both models are printed with their parameter counts. Each figure is the median of --reps timed
+calls after --warmup untimed ones (ours compiles during the warm-up), and all contenders run in
+--rounds rounds: each ratio is taken within a round, and the median of the rounds is reported
+with every round's figures. Each contender runs in its own process, one after the
 other: in one process XLA's and torch's thread pools compete (diffusers' sampling measured 0.1
 images/s beside a live JAX runtime, 0.77 in its own process, though under different background
 loads).
@@ -30,6 +32,7 @@ loads).
 """
 
 import json
+import statistics
 
 from absl import app
 from absl import flags
@@ -51,6 +54,8 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median taken).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 _CONTENDER = flags.DEFINE_enum("contender", None, ["ours", "ours-cores", "diffusers"],
                                "Measure one contender (default: all, each in a subprocess).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of all contenders, one after another; each "
+                               "ratio is taken within a round and the median over rounds shown.")
 
 
 def _ours(config, c, rng) -> tuple[float, float]:
@@ -142,20 +147,24 @@ def main(argv):
         f"{_SAMPLE_BATCH.value} with {_STEPS.value} DDIM steps")
   load_meter = machine_info.BackgroundLoad()
   load_meter.start()
-  rates = {}
-  contenders = machine_info.run_contenders(
-      argv, ("ours", "ours-cores", "diffusers"),
-      {"ours-cores": machine_info.ONE_DEVICE_PER_CORE})
-  for name, (lines, rate) in contenders.items():
-    print("\n".join(lines))
-    rates[name] = rate
-  (pt, ps) = rates["diffusers"]
-  for name in ("ours", "ours-cores"):
-    ot, os_ = rates[name]
-    print(f"training: {name} {ot:,.1f} examples/s, diffusers {pt:,.1f} examples/s, ratio "
-          f"{ot / pt:.2f}x")
-    print(f"sampling: {name} {os_:,.2f} images/s, diffusers {ps:,.2f} images/s, ratio "
-          f"{os_ / ps:.2f}x")
+  # This VM's speed drifts by up to 20% within minutes, for every contender alike: a ratio is
+  # taken between contenders of one round, and the rounds show how far it moves.
+  rounds = []
+  for r in range(_ROUNDS.value):
+    contenders = machine_info.run_contenders(
+        argv, ("ours", "ours-cores", "diffusers"),
+        {"ours-cores": machine_info.ONE_DEVICE_PER_CORE})
+    if r == 0:
+      for lines, _ in contenders.values():
+        print("\n".join(lines))
+    rounds.append({name: rate for name, (_, rate) in contenders.items()})
+  for task, unit, column in (("training", "examples/s", 0), ("sampling", "images/s", 1)):
+    for name in ("ours", "ours-cores"):
+      ratios = [one[name][column] / one["diffusers"][column] for one in rounds]
+      cells = ", ".join(f"{one[name][column]:,.1f} vs {one['diffusers'][column]:,.1f}"
+                        for one in rounds)
+      print(f"{task}: {name} / diffusers, median ratio {statistics.median(ratios):.2f}x (rounds "
+            f"{', '.join(f'{x:.2f}x' for x in ratios)}; {unit}: {cells})")
   print(load_meter.summary())
 
 
