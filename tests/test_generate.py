@@ -48,6 +48,17 @@ def generator(setup):
   return generate.Generator(_config(setup))
 
 
+def _grant_for_three(setup, tmp_path):
+  """(config, the private retrieval set, a grant of 3 queries at sigma 0.5, q 0.5, k 4)."""
+  config = _config(setup)
+  g = config.generate
+  retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
+  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as book:
+    book.register(retrieval_set.fingerprint, 10.0, 1e-3)
+    grant = book.charge(retrieval_set.fingerprint, accounting.Mechanism(0.5, 0.5, 4), 3)
+  return config, retrieval_set, grant
+
+
 def _records(out):
   return [json.loads(line) for line in (pathlib.Path(out) / "records.jsonl").read_text().splitlines()]
 
@@ -240,12 +251,7 @@ def test_private_images_use_the_grant_keys_and_sharded_equals_one_device(setup, 
 def test_host_retrieval_draws_what_the_device_program_draws(setup, tmp_path):
   """config.generate.retrieval = "host": the same neighbours as the device program for the same
   grant (so the same images, up to rounding), on one device and sharded over 8."""
-  config = _config(setup)
-  g = config.generate
-  retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
-  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as book:
-    book.register(retrieval_set.fingerprint, 10.0, 1e-3)
-    grant = book.charge(retrieval_set.fingerprint, accounting.Mechanism(0.5, 0.5, 4), 3)
+  config, retrieval_set, grant = _grant_for_three(setup, tmp_path)
   on_host = retrieval_set.table(None, "host")
   assert isinstance(on_host, host.HostRetriever)
   one = generate.Generator(config, sharding.make_mesh({}, jax.devices()[:1]))
@@ -317,12 +323,7 @@ def test_a_private_batch_is_one_program_that_never_touches_the_host(setup, gener
   run as one compiled program: with its inputs on device, it runs under a transfer guard that
   refuses any host-to-device or device-to-host transfer, and its compiled code holds no call back
   into Python (which a guard would not see)."""
-  config = _config(setup)
-  g = config.generate
-  retrieval_set = generate.RetrievalSet(g.private_keys, g.private_values)
-  with ledger_lib.Ledger(tmp_path / "l.db", create=True) as book:
-    book.register(retrieval_set.fingerprint, 10.0, 1e-3)
-    grant = book.charge(retrieval_set.fingerprint, accounting.Mechanism(0.5, 0.5, 4), 3)
+  config, retrieval_set, grant = _grant_for_three(setup, tmp_path)
   rows = generator.run_batch_size(3)
   program = generator._program("retrieve", rows, 0.5, 4)  # pylint: disable=protected-access
   text, values = generator.embed_prompts(PROMPTS)
