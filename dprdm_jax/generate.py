@@ -143,11 +143,11 @@ class RetrievalSet:
     self.size = len(self._values)
     self.key_dim, self.value_dim = self._keys.dim, self._values.dim
 
-  def table(self, mesh: jax.sharding.Mesh,
-            where: str = "device") -> Table:
+  def table(self, mesh: Optional[jax.sharding.Mesh], where: str = "device") -> Table:
     """The searchable table, after recomputing both fingerprints (StoreError if a store's data
     no longer matches): where = "device", every row on device (sharded by rows over `data` when
-    the mesh has several devices); "host", a HostRetriever that reads the stores' files in place.
+    the mesh has several devices); "host", a HostRetriever that reads the stores' files in place
+    (no mesh needed).
     """
     if where not in RETRIEVAL:
       raise GenerateError(f"config.generate.retrieval must be one of {', '.join(RETRIEVAL)}, got "
