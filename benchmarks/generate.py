@@ -1,4 +1,4 @@
-"""`dprdm generate` throughput against diffusers' DDIM on the matched U-Net, and where the time goes.
+"""`dprdm generate` throughput against diffusers' DDIM on the matched U-Net, and where time goes.
 
 What is measured, with the offline default's U-Net (--checkpoint: the shipped release by
 default, or a `dprdm train` work directory) and the demo's stores (run `bash launch/local.sh demo`
@@ -11,10 +11,10 @@ first):
 - the share of that batch's time spent in retrieval plus aggregation: the same retrieval and
   aggregation, jitted alone, on the same table, prompts and keys.
 - the peer: diffusers' `UNet2DConditionModel` with the same channels, blocks, attention and
-  context size (benchmarks/peers.py, the matched model of benchmarks/unet.py, randomly initialised: speed does not depend
-  on the weights), `DDIMScheduler` with the same schedule, 50 steps, the same guidance scale and
-  eta and x0 clipping, batch 64 (the conditional and unconditional halves in one call of 128), in
-  torch under `no_grad`. It retrieves nothing and writes nothing, so the ratio flatters it.
+  context size (benchmarks/peers.py, the matched model of benchmarks/unet.py, randomly
+  initialised: speed does not depend on the weights), `DDIMScheduler` with the same schedule,
+  50 steps, the same guidance scale and eta and x0 clipping, batch 64 (the conditional and
+  unconditional halves in one call of 128), in torch under `no_grad`. It retrieves nothing and writes nothing, so the ratio flatters it.
 
 Each contender runs in its own process; each figure is the median of --reps timed calls after
 one untimed call (ours compiles in it). Ours runs three times: on JAX's one CPU device ("ours"),

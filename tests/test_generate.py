@@ -60,7 +60,8 @@ def _grant_for_three(setup, tmp_path):
 
 
 def _records(out):
-  return [json.loads(line) for line in (pathlib.Path(out) / "records.jsonl").read_text().splitlines()]
+  lines = (pathlib.Path(out) / "records.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines]
 
 
 @pytest.mark.slow
