@@ -14,7 +14,8 @@ first):
   context size (benchmarks/peers.py, the matched model of benchmarks/unet.py, randomly
   initialised: speed does not depend on the weights), `DDIMScheduler` with the same schedule,
   50 steps, the same guidance scale and eta and x0 clipping, batch 64 (the conditional and
-  unconditional halves in one call of 128), in torch under `no_grad`. It retrieves nothing and writes nothing, so the ratio flatters it.
+  unconditional halves in one call of 128), in torch under `no_grad`. It retrieves nothing and
+  writes nothing, so the ratio flatters it.
 
 Each contender runs in its own process; each figure is the median of --reps timed calls after
 one untimed call (ours compiles in it). Ours runs three times: on JAX's one CPU device ("ours"),
