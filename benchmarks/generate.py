@@ -19,7 +19,7 @@ first):
 
 Each contender runs in its own process; each figure is the median of --reps timed calls after
 one untimed call (ours compiles in it). Ours runs three times: on JAX's one CPU device ("ours"),
-on one CPU device per core ("ours-cores", as `launch/local.sh` runs the jobs on a CPU; the batch
+on one CPU device per core ("ours-cores", as the `dprdm` command runs the jobs on a CPU; the batch
 of 64 is split over them), and on one device per core with the retrieval on the host
 ("ours-host", --config.generate.retrieval=host: `HostRetriever`'s scan over the stores' files,
 then aggregation and DDIM as one program; its retrieval share is that scan plus the jitted

@@ -78,15 +78,7 @@ if ! grep -qx "$want" "$stamp" 2>/dev/null; then
 fi
 
 export PATH="$PWD/$venv/bin:$PATH"
-# On a CPU, one JAX device per core: the jobs' meshes (data=-1) then split each batch over the
-# cores, which a small U-Net's many small operations on one device leave half idle (training
-# 1.4x, sampling 1.7x as fast on 2 cores; benchmarks/README.md). Tests keep JAX's single device,
-# and the benchmarks choose per contender.
-if [ -z "${JAX_ACCELERATOR:-}" ] && { [ "$job" = demo ] || [ "$job" = train ]; } &&
-  [[ "${XLA_FLAGS:-}" != *xla_force_host_platform_device_count* ]]; then
-  cores=$(nproc)
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$cores"
-fi
+# On a CPU the `dprdm` command itself gives JAX one device per core (dprdm_jax/cli.py, `run`).
 case "$job" in
   demo)
     # The offline default, end to end: the image towers (public data only), the embedding stores

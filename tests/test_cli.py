@@ -1,6 +1,7 @@
 """The `dprdm` command: JSON outputs, config fall-backs, and one-line errors with exit status 2."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -268,6 +269,28 @@ def test_privacy_actions_import_no_jax_scann_flax_or_transformers():
   job = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        check=True)
   assert job.stdout.splitlines()[-1] == "[]"
+
+
+def test_on_a_cpu_the_console_script_gives_jax_one_device_per_core():
+  flag = "--xla_force_host_platform_device_count"
+  env = cli.cpu_devices_environment
+  assert env({}, 4, False) == f"{flag}=4"
+  assert env({"XLA_FLAGS": "--xla_cpu_use_onednn=false"}, 2, False) == (
+      f"--xla_cpu_use_onednn=false {flag}=2")  # other flags kept
+  assert env({"JAX_PLATFORMS": "cpu"}, 2, False) == f"{flag}=2"
+  assert env({"XLA_FLAGS": f"{flag}=8"}, 2, False) is None  # a count already chosen
+  assert env({"JAX_PLATFORMS": "cuda"}, 16, False) is None  # an accelerator asked for
+  assert env({}, 16, True) is None  # an accelerator plugin installed
+  assert env({}, 1, False) is None
+  # The console script itself, before jax starts: its jobs see one device per core.
+  code = ("import sys\nfrom dprdm_jax import cli\nsys.argv = ['dprdm', 'privacy', "
+          f"'epsilon', *{REFERENCE!r}]\n"
+          "try:\n  cli.run()\nexcept SystemExit as e:\n  assert e.code == 0\n"
+          "import jax\nprint(jax.device_count(), jax.default_backend())")
+  plain = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  job = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       check=True, env=plain)
+  assert job.stdout.splitlines()[-1] == f"{len(os.sched_getaffinity(0))} cpu"
 
 
 JOBS = ("train-encoder", "embed", "train", "export", "sample", "generate", "train-classifier",
