@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import machine_info  # benchmarks/machine_info.py, beside this script
-import retrieval_common  # benchmarks/retrieval_common.py
+import retrieval_common as common  # benchmarks/common.py
 from dprdm_jax.privacy import keys
 from dprdm_jax.retrieval import device
 from dprdm_jax.retrieval import host
@@ -89,18 +89,12 @@ _DIM = flags.DEFINE_integer("dim", 512, "Embedding size d for --sizes.")
 _DIM_SWEEP = flags.DEFINE_list("dim_sweep", ["128", "512"],
                                "Embedding sizes d also run at N = --dim_sweep_n (empty: none).")
 _DIM_SWEEP_N = flags.DEFINE_integer("dim_sweep_n", 100_000, "N of the --dim_sweep tables.")
-_BATCH = flags.DEFINE_integer("batch", 256, "Queries per pass (B).")
-_NEIGHBORS = flags.DEFINE_integer("neighbors", 16, "Neighbours per query (k).")
-_SAMPLING_RATE = flags.DEFINE_float("sampling_rate", 0.01, "Poisson subsampling rate q.")
 _CHUNK = flags.DEFINE_integer("chunk", 128, "Queries per private_knn call in ours, device.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed passes per contender (median taken).")
 _LARGE_REPS = flags.DEFINE_integer("large_reps", 3, "Timed passes for tables of N >= --large_n.")
 _LARGE_N = flags.DEFINE_integer("large_n", 1_000_000, "Tables this large get --large_reps.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed passes per contender before timing.")
 _PROFILE_REPS = flags.DEFINE_integer("profile_reps", 3, "Timed calls per stage in the breakdown.")
-_TIE_TOLERANCE = flags.DEFINE_float("tie_tolerance", 1e-6,
-                                    "Slots whose ids differ count as ties below this score gap.")
-_SEED = flags.DEFINE_integer("seed", 20240601, "Seed of the data, the queries and the keys.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the temporary stores go (default: TMPDIR).")
 
 _CONTENDERS = ("device", "host", "faiss_a", "faiss_b")
@@ -334,8 +328,8 @@ class _Process:
 
 def _run_table(n: int, d: int, workdir: str) -> dict:
   """Writes one table, runs every contender on it, returns timings, memory, checks, breakdown."""
-  b, k, q, chunk, seed = (_BATCH.value, _NEIGHBORS.value, _SAMPLING_RATE.value, _CHUNK.value,
-                          _SEED.value)
+  b, k, q, chunk, seed = (common.BATCH.value, common.NEIGHBORS.value, common.SAMPLING_RATE.value,
+                          _CHUNK.value, common.SEED.value)
   reps = _LARGE_REPS.value if n >= _LARGE_N.value else _REPS.value
   directory = tempfile.mkdtemp(prefix=f"retrieval-{n}x{d}-", dir=workdir)
   try:
@@ -344,7 +338,7 @@ def _run_table(n: int, d: int, workdir: str) -> dict:
     writer.join()
     queries = machine_info.unit_rows(np.random.default_rng([seed, 1, d]), (b, d))
     start = time.perf_counter()
-    sampled = retrieval_common.sampled_ids(n, b, seed, q)
+    sampled = common.sampled_ids(n, b, seed, q)
     sampling_seconds = time.perf_counter() - start
     spec = dict(store=os.path.join(directory, "store"), queries=queries, k=k, q=q, chunk=chunk,
                 seed=seed)
@@ -374,8 +368,8 @@ def _run_table(n: int, d: int, workdir: str) -> dict:
       worker.join()
   finally:
     shutil.rmtree(directory, ignore_errors=True)
-  tolerance = _TIE_TOLERANCE.value
-  checks = {pair: retrieval_common.compare(results[pair[0]], results[pair[1]], tolerance)
+  tolerance = common.TIE_TOLERANCE.value
+  checks = {pair: common.compare(results[pair[0]], results[pair[1]], tolerance)
             for pair in (("device", "host"), ("device", "faiss"), ("host", "faiss"))}
   invalid = {kind: int((~r[2]).sum()) for kind, r in results.items()}
   return dict(n=n, d=d, reps=reps, write_seconds=write_seconds, write_peak=write_peak,
@@ -412,8 +406,8 @@ def _header() -> list[str]:
       f"scann {metadata.version('scann')}, faiss-cpu {metadata.version('faiss-cpu')}",
       f"jax devices: {', '.join(str(x) for x in jax.devices())}; "
       f"faiss OpenMP threads: {faiss.omp_get_max_threads()}",
-      f"B = {_BATCH.value} queries per pass, k = {_NEIGHBORS.value}, "
-      f"q = {_SAMPLING_RATE.value}, unit-norm float32 rows (ids 0..N-1) and queries; "
+      f"B = {common.BATCH.value} queries per pass, k = {common.NEIGHBORS.value}, "
+      f"q = {common.SAMPLING_RATE.value}, unit-norm float32 rows (ids 0..N-1) and queries; "
       f"ours, device: {_CHUNK.value} queries per private_knn call",
       f"median of {_REPS.value} passes ({large}) after {_WARMUP.value} warm-up pass(es), "
       "contenders called in turn, each in its own process",
@@ -424,7 +418,7 @@ def _header() -> list[str]:
 
 def _report(tables: list[dict]) -> list[str]:
   out = _header() + [""]
-  b = _BATCH.value
+  b = common.BATCH.value
 
   out.append("Throughput (ratios: ours q/s / faiss q/s, > 1 means ours is faster)")
   rows = []
@@ -486,9 +480,10 @@ def _report(tables: list[dict]) -> list[str]:
              "; ".join(f"N = {t['n']:,}, d = {t['d']}: {t['write_seconds']:.1f} s, peak "
                        f"{t['write_peak'] / _GIB:.2f} GiB" for t in tables))
 
-  out += ["", f"Same results (same subsample per query; {_BATCH.value} x {_NEIGHBORS.value} slots;"
+  out += ["", f"Same results (same subsample per query; {common.BATCH.value} x "
+          f"{common.NEIGHBORS.value} slots;"
           f" a differing slot is a mismatch unless the scores agree within "
-          f"{_TIE_TOLERANCE.value:g})"]
+          f"{common.TIE_TOLERANCE.value:g})"]
   rows = []
   names = {"device": "device", "host": "host", "faiss": "faiss(a)"}
   for t in tables:
@@ -507,7 +502,8 @@ def _report(tables: list[dict]) -> list[str]:
              "with jit compilation): " + "; ".join(
                  f"N = {t['n']:,}, d = {t['d']}: {t['sampling_seconds']:.2f} s" for t in tables))
 
-  out += ["", f"Where the time goes: seconds per pass of B = {_BATCH.value} queries by stage "
+  out += ["", f"Where the time goes: seconds per pass of B = {common.BATCH.value} queries by "
+          "stage "
           f"(median of {_PROFILE_REPS.value}; see the module docstring for how)"]
   rows = []
   for t in tables:
@@ -516,7 +512,8 @@ def _report(tables: list[dict]) -> list[str]:
         rows.append((f"{t['n']:,}", str(t["d"]), label, stage, f"{seconds:.3f}"))
   out += _table(("N", "d", "contender", "stage", "s/pass"), (9, 4, 12, 50, 7), rows)
   out.append(f"device: each stage jitted alone on one chunk of {_CHUNK.value} queries, times "
-             f"{math.ceil(_BATCH.value / _CHUNK.value)} chunks (private_knn fuses them); host: "
+             f"{math.ceil(common.BATCH.value / _CHUNK.value)} chunks (private_knn fuses them); "
+             "host: "
              "kernel calls timed inside retrieve, summed over its worker threads; faiss (a): "
              "search = pass - selectors.")
   return out

@@ -1,11 +1,19 @@
-"""What benchmarks/retrieval.py and retrieval_large.py share: our subsample's ids for faiss (a),
-and the slot-by-slot comparison of two contenders' answers."""
+"""What benchmarks/retrieval.py and retrieval_large.py share: the query settings' flags, our
+subsample's ids for faiss (a), and the slot-by-slot comparison of two contenders' answers."""
 
+from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
 from dprdm_jax.privacy import keys
 from dprdm_jax.retrieval import subsample
+
+BATCH = flags.DEFINE_integer("batch", 256, "Queries per pass (B).")
+NEIGHBORS = flags.DEFINE_integer("neighbors", 16, "Neighbours per query (k).")
+SAMPLING_RATE = flags.DEFINE_float("sampling_rate", 0.01, "Poisson subsampling rate q.")
+TIE_TOLERANCE = flags.DEFINE_float("tie_tolerance", 1e-6,
+                                   "Slots whose ids differ count as ties below this score gap.")
+SEED = flags.DEFINE_integer("seed", 20240601, "Seed of the data, the queries and the keys.")
 
 ROWS, QUERIES = 1 << 20, 32  # the slices of membership calls: XLA's temporaries stay small
 

@@ -39,19 +39,13 @@ from absl import flags
 import numpy as np
 
 import machine_info  # benchmarks/machine_info.py, beside this script
-import retrieval_common  # benchmarks/retrieval_common.py
+import retrieval_common as common  # benchmarks/common.py
 
 _N = flags.DEFINE_integer("n", 10_000_000, "Rows N.")
 _DIM = flags.DEFINE_integer("dim", 384, "Embedding size d.")
 _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 1_000_000, "Rows per store shard.")
-_BATCH = flags.DEFINE_integer("batch", 256, "Queries per pass (B).")
-_NEIGHBORS = flags.DEFINE_integer("neighbors", 16, "Neighbours per query (k).")
-_SAMPLING_RATE = flags.DEFINE_float("sampling_rate", 0.01, "Poisson subsampling rate q.")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed passes per contender (median taken).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed passes before timing.")
-_TIE_TOLERANCE = flags.DEFINE_float("tie_tolerance", 1e-6,
-                                    "Slots whose ids differ count as ties below this score gap.")
-_SEED = flags.DEFINE_integer("seed", 20240601, "Seed of the data, the queries and the keys.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the store goes (default: TMPDIR).")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the store (and reuse one found there).")
 _GIB = 2**30
@@ -86,7 +80,7 @@ def _contender(conn, kind: str, spec: dict):
   else:
     import faiss  # pylint: disable=g-import-not-at-top
     n = len(store)
-    sampled = retrieval_common.sampled_ids(n, b, spec["seed"], q)  # before faiss's copy
+    sampled = common.sampled_ids(n, b, spec["seed"], q)  # before faiss's copy
     # One add of the whole table: faiss grows its storage by doubling, so adding shard by shard
     # peaks at twice the table (killed for memory here at N = 10^7). The rows go through a
     # temporary memory-mapped file, whose pages the page cache can drop.
@@ -136,17 +130,18 @@ def _run(kind: str, spec: dict) -> dict:
 
 def main(argv):
   del argv
-  n, d, b, k, q = _N.value, _DIM.value, _BATCH.value, _NEIGHBORS.value, _SAMPLING_RATE.value
+  n, d, b = _N.value, _DIM.value, common.BATCH.value
+  k, q, seed = common.NEIGHBORS.value, common.SAMPLING_RATE.value, common.SEED.value
   workdir = pathlib.Path(_WORKDIR.value or tempfile.gettempdir())
-  directory = workdir / f"retrieval-large-{n}x{d}-{_SEED.value}"
+  directory = workdir / f"retrieval-large-{n}x{d}-{seed}"
   load = machine_info.BackgroundLoad.started()  # the contenders, child processes, not counted
   write_seconds = None
   if not (directory / "manifest.json").exists():
     shutil.rmtree(directory, ignore_errors=True)
-    write_seconds = _write(directory, n, d, _SHARD_ROWS.value, _SEED.value)
-  spec = dict(store=str(directory), b=b, k=k, q=q, seed=_SEED.value, reps=_REPS.value,
+    write_seconds = _write(directory, n, d, _SHARD_ROWS.value, seed)
+  spec = dict(store=str(directory), b=b, k=k, q=q, seed=seed, reps=_REPS.value,
               warmup=_WARMUP.value,
-              queries=machine_info.unit_rows(np.random.default_rng([_SEED.value, 1, d]), (b, d)))
+              queries=machine_info.unit_rows(np.random.default_rng([seed, 1, d]), (b, d)))
   try:
     results = {}
     for kind in ("ours", "faiss"):
@@ -177,8 +172,8 @@ def main(argv):
     print(f"{label:>22} {qps[kind]:9.2f} {median * 1e3 / b:9.2f} {r['setup']:8.1f} "
           f"{r['peak'] / _GIB:9.2f} {(r['peak'] - r['base']) / raw:15.2f}")
   print(f"ratio ours / faiss (a): {qps['ours'] / qps['faiss']:.2f}")
-  differ, mismatches, gap = retrieval_common.compare(
-      results["ours"]["result"], results["faiss"]["result"], _TIE_TOLERANCE.value)
+  differ, mismatches, gap = common.compare(
+      results["ours"]["result"], results["faiss"]["result"], common.TIE_TOLERANCE.value)
   print(f"same results: {differ} of {b * k} slots differ, {mismatches} beyond ties; "
         f"max |score diff| {gap:.1e}")
   print("peak = VmHWM over the timed passes; libs = resident before the table was opened; "
