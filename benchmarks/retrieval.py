@@ -11,9 +11,10 @@ q = 0.01, over the same unit-norm float32 rows (record ids 0..N-1), by:
   `DeviceTable.from_store`.
 - ours, host: `dprdm_jax.retrieval.host.HostRetriever` over the store (memory-mapped, no index),
   method "auto", which at q <= host.SCAN_MAX_RATE is the scan: one pass over the rows in jobs of
-  rows on one worker thread per core, each job one call of the compiled kernel
-  (`retrieval/scan_kernel.py`) that hashes every query's subsample (one Threefry block per 4
-  records) and computes one float32 dot product per sampled pair only, keeping each query's k best.
+  rows on one thread per core (the caller's and pool threads), each job one call of the compiled
+  kernel (`retrieval/scan_kernel.py`) that hashes every query's subsample (one Threefry block per
+  4 records) and computes one float32 dot product per sampled pair only, keeping each query's k
+  best.
 - faiss (a), the authors' method given our subsample: faiss-cpu `IndexFlatIP` over the same rows,
   one `search` per query with `SearchParameters(sel=IDSelectorBatch(sampled_ids))`, where
   sampled_ids is that query's subsample computed with our `subsample.membership` (untimed, before

@@ -1,5 +1,8 @@
 """Private k-NN on the host (the scan, or exact ScaNN + filter): exact, equal to device."""
 
+import threading
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -120,6 +123,36 @@ def test_scan_over_jobs_and_tiles_is_the_exact_top_k_of_the_materialised_subsamp
   valid = scores > -np.inf
   np.testing.assert_array_equal(np.where(valid, ids[positions], -1), expected_ids)
   np.testing.assert_array_equal(scores, expected_scores.astype(np.float32))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_jobs_run_on_the_caller_and_the_pool_in_order_and_failures_surface(monkeypatch, workers):
+  """Every part's result in its place whoever ran it; a failing job raises in the caller only
+  after the pool's threads are done (no job left running over the caller's arrays)."""
+  monkeypatch.setattr(host, "_WORKERS", workers)
+  threads = set()
+
+  def job(i, square):
+    threads.add(threading.get_ident())
+    time.sleep(0.002)
+    return i * i if square else i
+
+  parts = [(i, True) for i in range(40)]
+  assert host._run_jobs(job, parts) == [i * i for i in range(40)]
+  assert threading.get_ident() in threads and len(threads) <= workers
+  finished = []
+
+  def failing(i):
+    if i == 3:
+      raise ValueError("job 3 failed")
+    time.sleep(0.01)
+    finished.append(i)
+
+  with pytest.raises(ValueError, match="job 3 failed"):
+    host._run_jobs(failing, [(i,) for i in range(8)])
+  done = len(finished)
+  time.sleep(0.05)
+  assert len(finished) == done  # nothing still ran after the caller saw the error
 
 
 def test_scan_ignores_unsampled_records():
