@@ -21,7 +21,9 @@ functions return settings whose epsilon, recomputed by `epsilon`, does not excee
 """
 
 import collections
+import contextlib
 import dataclasses
+import logging
 import math
 from typing import Iterable, Literal, Mapping, Sequence, Union
 
@@ -202,6 +204,29 @@ def _queries(event: dp_accounting.DpEvent) -> int:
   return 1
 
 
+class _UnconvergedOrder(logging.Filter):
+  """Drops dp-accounting's warning that the RDP of one fractional order did not converge.
+
+  dp-accounting then leaves that order out of its minimum over orders, so epsilon is still an
+  upper bound (from the others); the warning repeats for every such order of every history, and
+  made 260 of the 376 lines `bash launch/local.sh demo` printed.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("_compute_log_a_frac failed to converge")
+
+
+@contextlib.contextmanager
+def _without_unconverged_order_warnings():
+  quiet = _UnconvergedOrder()
+  logger = logging.getLogger("absl")  # dp-accounting logs through absl
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: Accountant,
             points_per_spread: int = PLD_POINTS_PER_SPREAD) -> float:
   """Epsilon of `event` at `delta` (an upper bound; `inf` when sigma = 0), by
@@ -217,8 +242,9 @@ def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: Accountant,
     raise errors.InputError(f"the PLD accountant composes at most {PLD_MAX_QUERIES:,} queries "
                             f"here, this history has {_queries(event):,}; use the RDP accountant")
   try:
-    return float(make_accountant(accountant, event, points_per_spread).compose(event)
-                 .get_epsilon(delta))
+    with _without_unconverged_order_warnings():
+      return float(make_accountant(accountant, event, points_per_spread).compose(event)
+                   .get_epsilon(delta))
   except (MemoryError, OverflowError, ZeroDivisionError, ValueError) as e:
     other = "RDP" if accountant == "pld" else "PLD"
     raise errors.InputError(f"the {accountant.upper()} accountant cannot compute this epsilon "

@@ -1,7 +1,10 @@
 """Distribution metrics against hand computations and closed forms."""
 
+import warnings
+
 import numpy as np
 import pytest
+import scipy.linalg
 
 from dprdm_jax.evaluate import metrics
 
@@ -24,6 +27,27 @@ def test_frechet_distance_of_samples_converges_to_the_closed_form():
   a = rng.normal(size=(200_000, 2)) * [1, 2]
   b = rng.normal(size=(200_000, 2)) * [2, 3] + [1, 2]
   assert metrics.frechet_distance(a, b) == pytest.approx(7.0, rel=0.02)
+
+
+def test_frechet_distance_of_singular_covariances_without_warnings():
+  """Fewer samples than features (the sweep's 60 images on 256 features): a closed form where
+  both covariances are singular, and sqrtm's answer on a full-rank pair of random covariances."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    # Rank one each, along the same axis: tr sqrt(S1 S2) = sqrt(1 * 4) = 2; FD = 1 + (1 + 4 - 4).
+    assert metrics.frechet_distance_of_moments(
+        [0, 0, 0], np.diag([1.0, 0, 0]), [1, 0, 0], np.diag([4.0, 0, 0])) == pytest.approx(2.0)
+    # Orthogonal rank-one covariances: the product is 0, FD = 1 + 4.
+    assert metrics.frechet_distance_of_moments(
+        [0, 0], np.diag([1.0, 0]), [0, 0], np.diag([0, 4.0])) == pytest.approx(5.0)
+    rng = np.random.default_rng(3)
+    fd = metrics.frechet_distance(rng.normal(size=(60, 256)), rng.normal(size=(60, 256)) + 0.1)
+    assert np.isfinite(fd) and fd > 0
+  x, y = rng.normal(size=(2, 8, 8))
+  cov1, cov2 = x @ x.T, y @ y.T + np.eye(8)
+  expected = np.trace(cov1) + np.trace(cov2) - 2 * np.trace(scipy.linalg.sqrtm(cov1 @ cov2).real)
+  assert metrics.frechet_distance_of_moments(np.zeros(8), cov1, np.zeros(8), cov2) == \
+      pytest.approx(expected, rel=1e-9)
 
 
 def test_kernel_distance_by_hand():
