@@ -105,8 +105,9 @@ def get_config(arg=None):
   # num_queries, on the private domain's ten class prompts. Its samples are charged to a ledger of
   # their own (never the deployment ledger), whose composed epsilon (RDP: fast for the sweep's
   # mix of mechanisms) the report prints; the budget there only bounds a runaway sweep. Sizes:
-  # 1,760 images, 19 minutes on two CPU cores (2026-12-03; final_per_prompt=50: 2,960 images, 25
-  # minutes); "per_prompt" counts are images per prompt and setting.
+  # 1,760 images, 19 minutes on one CPU device (2026-12-03); final_per_prompt=50: 2,960 images,
+  # 8.4 minutes on one CPU device per core (2 cores, 2026-12-07); "per_prompt" counts are images
+  # per prompt and setting.
   # features: the judge (evaluate/judges.py), here the evaluation classifier above.
   config.evaluate = ml_collections.ConfigDict(dict(
       features="classifier", out="runs/default/report", ledger="runs/default/eval-ledger.db",
