@@ -133,6 +133,7 @@ case "$job" in
     python benchmarks/accounting.py
     python benchmarks/retrieval.py
     python benchmarks/unet.py
+    python benchmarks/unet_profile.py
     python benchmarks/value_embedding.py
     if [ -f runs/default/embeddings/fashion_mnist-train/images/manifest.json ]; then
       python benchmarks/generate.py
