@@ -645,6 +645,7 @@ def _generate(fv, config):
   if fv.repeat < 1:
     raise UsageError(f"--repeat must be >= 1, got {fv.repeat}")
   prompts = [fv.prompt] if fv.prompt is not None else generate.read_prompts(fv.prompts)
+  generate.check_count(len(prompts) * fv.repeat)  # before the list is built
   prompts = [p for p in prompts for _ in range(fv.repeat)]
   # Empty or blank prompts are refused before any model loads; lengths wait for the tokenizer.
   generate.check_prompts(prompts, lambda ps: [0] * len(ps), 1)

@@ -36,10 +36,12 @@ Output in OUT: one PNG and one JSON record per prompt (NNNNN.png, NNNNN.json, NN
 position), records.jsonl with every record, in prompt order, and grid.png (a row per distinct
 prompt, its first 8 images). A rerun with the same OUT skips the
 prompts that already have a record (a private one is charged again only for prompts that were
-never written).
+never written). One run writes to an OUT at a time (a lock on OUT/.lock): a second is refused
+before it charges anything.
 """
 
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -74,6 +76,10 @@ ADJACENCY = "add-or-remove-one record"
 
 # Where retrieval runs (config.generate.retrieval): the device program, or the host's scan.
 RETRIEVAL = ("device", "host")
+# Most images one run writes (into one directory, an image and a record each, all read back for
+# records.jsonl and the grid): a typo such as --repeat 1000000000 is refused at once rather than
+# expanded into a prompt list that exhausts the host's memory. Split larger runs.
+MAX_IMAGES = 1_000_000
 Table = Union[device.DeviceTable, host.HostRetriever]
 
 
@@ -84,8 +90,9 @@ class GenerateError(errors.InputError):
 def check_prompts(prompts: Sequence, token_lengths, max_tokens: int) -> list[str]:
   """The prompts as a list of str, or GenerateError naming the first bad one.
 
-  Refused: no prompts, a non-str (e.g. bytes that were not decoded), an empty or blank prompt, and
-  a prompt of more than `max_tokens` tokens (the text tower would silently truncate it).
+  Refused: no prompts, more than MAX_IMAGES, a non-str (e.g. bytes that were not decoded), an
+  empty or blank prompt, and a prompt of more than `max_tokens` tokens (the text tower would
+  silently truncate it).
   token_lengths: fn(list of str) -> token counts, untruncated.
   """
   if isinstance(prompts, (str, bytes)):
@@ -93,6 +100,7 @@ def check_prompts(prompts: Sequence, token_lengths, max_tokens: int) -> list[str
   prompts = list(prompts)
   if not prompts:
     raise GenerateError("no prompts given")
+  check_count(len(prompts))
   for i, p in enumerate(prompts):
     if not isinstance(p, str):
       raise GenerateError(f"prompt {i} is a {type(p).__name__}, not text")
@@ -102,6 +110,13 @@ def check_prompts(prompts: Sequence, token_lengths, max_tokens: int) -> list[str
     if n > max_tokens:
       raise GenerateError(f"prompt {i} has {n} tokens; the text tower takes at most {max_tokens}")
   return prompts
+
+
+def check_count(images: int) -> None:
+  """GenerateError if one run is asked for more than MAX_IMAGES images."""
+  if images > MAX_IMAGES:
+    raise GenerateError(f"{images:,} images asked for; one run writes at most {MAX_IMAGES:,} "
+                        "(split the prompts into several runs, each with its own --out)")
 
 
 def read_prompts(path) -> list[str]:
@@ -365,7 +380,13 @@ def _done(out: pathlib.Path, prompts: list[str], mode: str) -> list[bool]:
   for i, prompt in enumerate(prompts):
     path = out / f"{i:05d}.json"
     if path.exists():
-      record = json.loads(path.read_text())
+      try:
+        record = json.loads(path.read_text())
+      except (OSError, ValueError) as e:
+        raise GenerateError(f"{path} is not a record of `generate` ({e}); choose another "
+                            "--out") from None
+      if not isinstance(record, dict):
+        raise GenerateError(f"{path} is not a record of `generate`; choose another --out")
       if (record.get("prompt"), record.get("mode")) != (prompt, mode):
         raise GenerateError(f"{out} holds image {i} of another run ({record.get('mode')}, "
                             f"{record.get('prompt')!r}); choose another --out")
@@ -406,9 +427,34 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
   gen = generator or Generator(config)
   _check_generator(gen, config)
   prompts = gen.check_prompts(prompts)
-  g = config.generate
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # before anything is charged
+    raise GenerateError(f"cannot create the output directory {out}: {e.strerror or e}") from None
+  with _exclusive(out):
+    return _run(config, gen, prompts, out, mode, ledger_path, progress)
+
+
+def _exclusive(out: pathlib.Path):
+  """An exclusive lock on OUT (OUT/.lock, fcntl), held while a run writes there; GenerateError,
+  before anything is charged, if another run holds it. Two runs into one OUT would otherwise both
+  charge for the same missing images and overwrite each other's. The lock dies with its process,
+  so a crashed run leaves nothing to clean up."""
+  handle = open(out / ".lock", "a")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.close()
+    raise GenerateError(f"another `generate` is writing to {out}; wait for it or choose another "
+                        "--out") from None
+  return handle  # closing it (the with statement) releases the lock
+
+
+def _run(config: ml_collections.ConfigDict, gen: "Generator", prompts: list[str],
+         out: pathlib.Path, mode: str, ledger_path: Optional[str], progress: bool) -> dict:
+  """`generate`'s work once OUT is locked: the ledger, the batches, the records and the grid."""
+  g = config.generate
   todo = [i for i, done in enumerate(_done(out, prompts, mode)) if not done]
 
   book = table = retrieval_set = None

@@ -169,7 +169,7 @@ def test_bad_ledger_exits_2(capsys, tmp_path):
   junk.write_bytes(b"garbage" * 1000)
   junk.chmod(0o600)
   status, _, err = dprdm(capsys, "budget", "status", "--ledger", str(junk))
-  assert status == 2 and "cannot read ledger" in err and err.count("\n") == 1
+  assert status == 2 and "not an SQLite database" in err and err.count("\n") == 1
 
 
 def test_console_script_runs_without_traceback():

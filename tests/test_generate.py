@@ -10,6 +10,8 @@ charged. All but the prompt checks are slow (they train the tiny towers and U-Ne
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +128,25 @@ def test_a_rerun_skips_what_was_written_and_charges_nothing_more(setup, generato
                         progress=False)
   with ledger_lib.Ledger(ledger) as book:
     assert book.status()[0].queries == 3
+  # While another process writes to an OUT, a run into it is refused before anything is charged;
+  # once that process is gone (killed here), its lock is gone with it.
+  (tmp_path / "busy").mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+      "print('locked', flush=True); sys.stdin.read()"), str(tmp_path / "busy" / ".lock")],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(generate.GenerateError, match="another `generate` is writing to"):
+      generate.generate(config, PROMPTS, tmp_path / "busy", "private", ledger,
+                        generator=generator, progress=False)
+    with ledger_lib.Ledger(ledger) as book:
+      assert book.status()[0].queries == 3
+  finally:
+    holder.kill()
+    holder.wait()
+  assert generate.generate(config, PROMPTS, tmp_path / "busy", "public", ledger,
+                           generator=generator, progress=False)["generated_now"] == 3
 
 
 @pytest.mark.slow
@@ -363,11 +384,20 @@ def test_cli_generates_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys
           f"--ledger={tmp_path / 'l.db'}"]
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"a photo of a bag\n\xff\xfe\n")
+  junk = tmp_path / "junk" / "00000.json"  # an --out holding a file that is no record of ours
+  junk.parent.mkdir()
+  junk.write_text("garbage")
   for extra, message in (([f"--prompts={bad}"], "not UTF-8"),
                          ([], "exactly one of --prompt"),
                          (["--prompt=x", "--mode=nonprivate"], "explicitly"),
-                         (["--prompt=x", "--repeat=0"], "--repeat must be")):
-    assert cli.main(args + extra + [f"--out={tmp_path / 'out'}"]) == 2
+                         (["--prompt=x", "--repeat=0"], "--repeat must be"),
+                         # refused before a billion-entry prompt list is built (it was killed
+                         # for memory after 5 minutes)
+                         (["--prompt=x", "--repeat=1000000000"], "at most 1,000,000"),
+                         (["--prompt=x", f"--out={bad}"], "cannot create the output directory"),
+                         (["--prompt=x", f"--out={junk.parent}"], "not a record of `generate`")):
+    assert cli.main(args + extra + ([] if any(a.startswith("--out=") for a in extra) else [
+        f"--out={tmp_path / 'out'}"])) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
   assert not (tmp_path / "l.db").exists()
@@ -383,9 +413,11 @@ def test_check_prompts_refuses_what_the_text_tower_cannot_take(tmp_path):
   assert generate.check_prompts(("a", "b c"), lengths, 5) == ["a", "b c"]
   for prompts, message in (([], "no prompts"), ("a bag", "not one string"),
                            ([b"a bag"], "bytes, not text"), (["ok", ""], "prompt 1 is empty"),
-                           (["a b c d"], "6 tokens")):
+                           (["a b c d"], "6 tokens"),
+                           (["a bag"] * (generate.MAX_IMAGES + 1), "at most 1,000,000")):
     with pytest.raises(generate.GenerateError, match=message):
       generate.check_prompts(prompts, lengths, 5)
+  assert len(generate.check_prompts(["a bag"] * generate.MAX_IMAGES, lengths, 5)) == 1_000_000
   good = tmp_path / "p.txt"
   good.write_text("a photo of a bag\nune robe d'été\n", encoding="utf-8")
   assert generate.read_prompts(good) == ["a photo of a bag", "une robe d'été"]

@@ -46,6 +46,9 @@ PLD_MAX_STEP = 1e-2
 # Noise multipliers the accountants are asked about (Mechanism.event), and the most queries PLD
 # composes: its grid grows with T (10**8 queries take about 30 s, 10**9 exhaust the memory).
 Z_MIN, Z_MAX = 1e-6, 1e6
+# The central-limit estimate of the noise multiplier (`_first_guess`) is trusted as a starting
+# point for PLD's calibration from this z up (within 5% of PLD's answer at z >= 0.5).
+CLT_MIN_Z = 0.5
 PLD_MAX_QUERIES = 10**8
 
 
@@ -356,7 +359,10 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, num_
   Both accountants start from the central-limit estimate (`_first_guess`) and bracket the answer
   in steps of 5%. PLD, whose evaluations cost more, first calibrates to 0.1% on a grid of
   PLD_COARSE_POINTS_PER_SPREAD points per spread, then brackets the fine grid's answer in steps of
-  0.5% around it: about 5 fine evaluations in all.
+  0.5% around it: about 5 fine evaluations in all. Below z = CLT_MIN_Z the estimate can be far
+  too small (at epsilon = 1,000, T = 1,000, q = 0.05: 0.0074 against an answer near 0.2), and a
+  PLD at such a z needs a vast grid (51 s and 17 GB for that one point), so PLD starts there from
+  the RDP answer instead (an upper bound, usually a little above PLD's: about 1 s).
   """
   check_epsilon(target_epsilon)
   check_queries(num_queries)
@@ -367,6 +373,8 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, num_
   guess = _first_guess(target_epsilon, sampling_rate, num_queries, delta)
   step = 1.05
   if accountant == "pld":
+    if guess < CLT_MIN_Z:
+      guess = calibrate_noise_multiplier(target_epsilon, sampling_rate, num_queries, delta, "rdp")
     coarse = _Search(event, target_epsilon, delta, "pld", PLD_COARSE_POINTS_PER_SPREAD)
     bracket = coarse.bracket(guess, True, 1e-4, 2.0**20, step)
     if bracket is not None:

@@ -181,7 +181,7 @@ class Ledger:
     Raises LedgerError if the file is missing (and not created), not a ledger, or corrupt.
     """
     self.path = os.fspath(path)
-    if not create and not os.path.isfile(self.path):
+    if not create and not os.path.exists(self.path):
       raise LedgerError(f"no ledger file at {self.path}")
     if create:
       try:  # owner-only from the first byte; SQLite gives -wal and -shm the same mode
@@ -192,6 +192,7 @@ class Ledger:
         pass
       except OSError as e:
         raise LedgerError(f"cannot create ledger {self.path}: {e}") from None
+    _check_ledger_file(self.path)  # before any advice on its mode: never `chmod` another file
     _check_private(self.path)
     try:
       self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
@@ -527,6 +528,24 @@ class Ledger:
       os.unlink(destination)
       raise LedgerError(f"backup to {destination} failed: {e}") from None
     return destination
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+
+
+def _check_ledger_file(path: str) -> None:
+  """LedgerError unless `path` is a regular file that is empty (a new ledger) or an SQLite
+  database: a directory, a device or some other file given as --ledger is named as such, rather
+  than opened or advised to be made owner-only."""
+  if not os.path.isfile(path):
+    raise LedgerError(f"{path} is not a ledger file (a directory or a special file)")
+  try:
+    with open(path, "rb") as f:
+      header = f.read(len(_SQLITE_HEADER))
+  except OSError as e:
+    raise LedgerError(f"cannot read ledger {path}: {e.strerror or e}") from None
+  if header and header != _SQLITE_HEADER:
+    raise LedgerError(f"{path} is not a dprdm budget ledger (not an SQLite database)")
 
 
 def _check_private(path: str) -> None:

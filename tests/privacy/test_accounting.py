@@ -81,6 +81,27 @@ def test_calibrating_sigma_round_trips(acc):
       <= target
 
 
+def test_pld_calibration_at_a_large_target_never_asks_pld_about_a_tiny_noise(monkeypatch):
+  """At epsilon = 1,000 (T = 1,000, q = 0.05) the central-limit estimate is z = 0.0074, 27x
+  below the answer, and PLD at that z took 51 s and 17 GB: the search must start from RDP's
+  answer instead, and still meet the target."""
+  assert accounting._first_guess(1000.0, 0.05, 1000, 1e-5) < 0.01  # the regime tested
+  asked = []
+  original = accounting.epsilon
+
+  def recording(event, delta, acc, *args):
+    if acc == "pld":
+      asked.append(event.event.event.noise_multiplier)
+    return original(event, delta, acc, *args)
+
+  monkeypatch.setattr(accounting, "epsilon", recording)
+  z = accounting.calibrate_noise_multiplier(1000.0, 0.05, 1000, 1e-5, "pld")
+  assert 0.1 < min(asked) and 0.1 < z < accounting.calibrate_noise_multiplier(
+      1000.0, 0.05, 1000, 1e-5, "rdp") * 1.01
+  monkeypatch.undo()
+  assert accounting.epsilon(accounting._single(0.05, z, 1000), 1e-5, "pld") <= 1000.0
+
+
 @pytest.mark.parametrize("acc", ["rdp", "pld"])
 def test_max_queries_is_exact(acc):
   t = accounting.max_queries(REFERENCE, 1.0, 1e-7, acc)

@@ -133,13 +133,35 @@ def test_missing_and_corrupt_files_are_refused(tmp_path):
   junk = tmp_path / "junk.db"
   junk.write_bytes(b"this is not a database" * 100)
   junk.chmod(0o600)
-  with pytest.raises(ledger_lib.LedgerError, match="cannot read ledger"):
+  with pytest.raises(ledger_lib.LedgerError, match="not an SQLite database"):
     ledger_lib.Ledger(junk)
+  # A broken SQLite file passes the header check and is refused by SQLite itself.
+  broken = tmp_path / "broken.db"
+  broken.write_bytes(b"SQLite format 3\x00" + b"\xff" * 100)
+  broken.chmod(0o600)
+  with pytest.raises(ledger_lib.LedgerError, match="cannot read ledger"):
+    ledger_lib.Ledger(broken)
   other = tmp_path / "other.db"
   sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
   other.chmod(0o600)
   with pytest.raises(ledger_lib.LedgerError, match="not a dprdm budget ledger"):
     ledger_lib.Ledger(other, create=True)
+
+
+@pytest.mark.parametrize("create", [False, True])
+def test_another_file_is_named_and_left_alone_not_advised_a_chmod(tmp_path, create):
+  """--ledger pointing at a directory or a world-readable non-ledger file (say /etc/passwd) is
+  refused as not a ledger, unchanged, and the message does not tell the operator to chmod it."""
+  text = tmp_path / "passwd"
+  text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+  text.chmod(0o644)
+  for path, reason in ((text, "not an SQLite database"), (tmp_path, "not a ledger file")):
+    with pytest.raises(ledger_lib.LedgerError, match=reason) as raised:
+      ledger_lib.Ledger(path, create=create)
+    assert "chmod" not in str(raised.value)
+  assert text.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+  assert stat.S_IMODE(text.stat().st_mode) == 0o644
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["passwd"]  # no -wal or -shm beside it
 
 
 @pytest.mark.slow
