@@ -146,7 +146,7 @@ def embed(config: ml_collections.ConfigDict, dataset: str, split: str, out) -> d
     raise errors.InputError(f"{out} already holds embedding stores; choose another --out")
   source = open_source(config, dataset, split)
   image_encoder, encode_captions = open_towers(config)
-  (out / "chunks").mkdir(parents=True, exist_ok=True)
+  errors.make_directory(out / "chunks")
   chunks = list(pipeline.ordered_chunks(len(source), config.embed.chunk_size, process_index,
                                         process_count))
   todo = [(i, p) for i, p in chunks if not _chunk_path(out, i).exists()]

@@ -7,6 +7,8 @@ ValueError, `MissingError` a FileNotFoundError, `WrongTypeError` a TypeError), s
 may catch either.
 """
 
+import pathlib
+
 
 class Error(Exception):
   """Base of every error dprdm-jax raises on purpose."""
@@ -22,3 +24,14 @@ class MissingError(Error, FileNotFoundError):
 
 class WrongTypeError(Error, TypeError):
   """An argument of the wrong type (a str where a list of str belongs, a float array of pixels)."""
+
+
+def make_directory(path) -> pathlib.Path:
+  """Makes the directory `path` (and its parents) if missing; InputError, naming the path and the
+  reason, when it cannot be one (a file is there, a parent is not writable)."""
+  path = pathlib.Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise InputError(f"cannot create the directory {path}: {e.strerror or e}") from None
+  return path

@@ -99,13 +99,18 @@ def export(config: ml_collections.ConfigDict, workdir, out, command: str = "") -
   from dprdm_jax.encoders import linear  # pylint: disable=g-import-not-at-top
   from dprdm_jax.retrieval import store as store_lib  # pylint: disable=g-import-not-at-top
   workdir, out = pathlib.Path(workdir).absolute(), pathlib.Path(out).absolute()
+  # Only a release is ever replaced: `--out .` or a mistyped path must not delete a directory.
+  if out.exists() and not (is_release(out) or (out.is_dir() and not any(out.iterdir()))):
+    raise ReleaseError(f"{out} exists and is not a release: `dprdm export` replaces only an "
+                       "earlier release; choose another --out")
   _, ema, step = sample.load_ema(config, workdir, sharding.make_mesh(config.mesh))
   if step < config.train.steps:
     raise ReleaseError(f"{workdir} holds step {step} of {config.train.steps}: finish training "
                        "first")
-  if out.exists():
+  final, out = out, out.parent / f".{out.name}.export-tmp"  # written aside, then swapped in
+  if out.exists():  # a killed export's leftovers (this name is export's own)
     shutil.rmtree(out)
-  out.mkdir(parents=True)
+  errors.make_directory(out)
   checkpoints.save_tree(out / "ema", jax.device_get(ema))
   # orbax's marker names the absolute path it wrote to; a release is copied and committed, so it
   # must not carry the exporting machine's paths (a local restore does not read the marker).
@@ -121,6 +126,15 @@ def export(config: ml_collections.ConfigDict, workdir, out, command: str = "") -
                       config.train.embeddings, verify=False).fingerprint,
                   python=sys.version.split()[0], jax=jax.__version__)
   (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+  # The earlier release stays whole until the new one is: a crash before this point leaves it,
+  # and one between the two renames leaves it at .NAME.export-old beside the new one's parts.
+  old = final.parent / f".{final.name}.export-old"
+  if old.exists():
+    shutil.rmtree(old)
+  if final.exists():
+    final.rename(old)
+  out.rename(final)
+  shutil.rmtree(old, ignore_errors=True)
   return manifest
 
 

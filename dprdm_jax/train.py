@@ -173,8 +173,10 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
   stop_after: stop once this step's checkpoint is written, as a preemption there would.
   """
   t = config.train
+  if t.steps < 1:  # --config.train.steps=-1 "trained to step 0" and wrote a work directory
+    raise errors.InputError(f"config.train.steps must be >= 1, got {t.steps}")
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  errors.make_directory(workdir)
   mesh = sharding.make_mesh(config.mesh)
   trainer = Trainer(config, mesh)
   for note in trainer.notes:

@@ -81,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
     from there.
   """
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  errors.make_directory(workdir)
   enc = config.encoder
   text = text_lib.TextEncoder.load()
   center, class_embeddings = text_space(text)

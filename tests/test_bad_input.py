@@ -158,6 +158,15 @@ CORPUS = [
     (["budget", "status", "--ledger", "LEDGER_JUNK"], "ledger"),
     (["budget", "verify", "--ledger", "LEDGER_JUNK"], "ledger"),
     (["index", "build", "--from-npy", "NPY_NAN", "--out", "OUT_INDEX"], "non-finite"),
+    # Not a ledger: named as such, with no advice to chmod someone else's file.
+    (["budget", "status", "--ledger", "TMP_DIR"], "not a ledger file"),
+    (["budget", "verify", "--ledger", "TEXT_FILE"], "not an SQLite database"),
+    (["generate", "--config", "configs/default.py:tiny", "--prompt", "x", "--repeat",
+      "1000000000"], "at most 1,000,000"),
+    (["generate", "--config", "configs/default.py:tiny", "--prompt", "x", "--out", "TEXT_FILE"],
+     "cannot create the directory"),
+    (["evaluate", "--config", "configs/default.py:tiny", "--config.evaluate.out=TEXT_FILE"],
+     "cannot create the directory"),
 ]
 
 
@@ -172,9 +181,14 @@ def test_the_cli_corpus_exits_2_with_one_line_and_changes_nothing(argv, phrase, 
   junk.write_bytes(b"\x00garbage" * 64)
   os.chmod(junk, 0o600)
   np.save(tmp_path / "nan.npy", np.full((4, 3), np.nan, np.float32))
+  text = tmp_path / "passwd"
+  text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+  os.chmod(text, 0o644)
   replace = {"LEDGER_JUNK": str(junk), "NPY_NAN": str(tmp_path / "nan.npy"),
-             "OUT_INDEX": str(tmp_path / "index")}
-  argv = [replace.get(a, a) for a in argv]
+             "OUT_INDEX": str(tmp_path / "index"), "TMP_DIR": str(tmp_path),
+             "TEXT_FILE": str(text)}
+  argv = [a.replace(name, value) for a in argv for name, value in [
+      next(((n, v) for n, v in replace.items() if n in a), ("", ""))]]
   before = sorted(p.name for p in tmp_path.iterdir())
   status = cli.main(["dprdm", *argv, "--ledger" if argv[0] == "generate" else "--json"]
                     + ([str(ledger_path)] if argv[0] == "generate" else []))
@@ -183,6 +197,8 @@ def test_the_cli_corpus_exits_2_with_one_line_and_changes_nothing(argv, phrase, 
   errors = [line for line in err.splitlines() if ": error: " in line]  # progress lines may precede
   assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and phrase in errors[0], err
   assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+  assert text.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+  assert os.stat(text).st_mode & 0o777 == 0o644
   db = sqlite3.connect(ledger_path)
   assert db.execute("SELECT COUNT(*) FROM charges").fetchone()[0] == 0
   db.close()

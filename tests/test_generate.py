@@ -394,7 +394,7 @@ def test_cli_generates_and_refuses_bad_input_in_one_line(setup, tmp_path, capsys
                          # refused before a billion-entry prompt list is built (it was killed
                          # for memory after 5 minutes)
                          (["--prompt=x", "--repeat=1000000000"], "at most 1,000,000"),
-                         (["--prompt=x", f"--out={bad}"], "cannot create the output directory"),
+                         (["--prompt=x", f"--out={bad}"], "cannot create the directory"),
                          (["--prompt=x", f"--out={junk.parent}"], "not a record of `generate`")):
     assert cli.main(args + extra + ([] if any(a.startswith("--out=") for a in extra) else [
         f"--out={tmp_path / 'out'}"])) == 2

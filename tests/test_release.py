@@ -45,6 +45,21 @@ def test_the_shipped_release_matches_todays_default_and_loads_into_its_model():
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ema))
 
 
+def test_an_export_never_replaces_what_is_not_a_release(tmp_path):
+  """`dprdm export --out DIR` replaced DIR whatever it held (shutil.rmtree): `--out .` would have
+  deleted the checkout. Now a directory with other files, or a file, is refused before any work,
+  and left as it was."""
+  (tmp_path / "work").mkdir()
+  (tmp_path / "work" / "notes.txt").write_text("mine")
+  (tmp_path / "file").write_text("mine too")
+  config = load("configs/default.py:tiny")
+  for out in (tmp_path / "work", tmp_path / "file", tmp_path):
+    with pytest.raises(release.ReleaseError, match="is not a release"):
+      release.export(config, tmp_path / "no-such-run", out)
+  assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+  assert (tmp_path / "file").read_text() == "mine too"
+
+
 @pytest.mark.slow
 def test_an_export_draws_what_its_run_draws_and_is_refused_elsewhere(tiny_product, tmp_path):
   root, overrides = tiny_product
@@ -74,6 +89,10 @@ def test_an_export_draws_what_its_run_draws_and_is_refused_elsewhere(tiny_produc
     generate.Generator(load("configs/default.py:tiny", *overrides,
                             f"--config.encoder.workdir={encoder}",
                             f"--config.generate.checkpoint={tmp_path / 'release'}"))
+  # Exporting again replaces the release whole, with nothing left beside it.
+  again = release.export(config, root / "unet", tmp_path / "release", command="dprdm export")
+  assert again["step"] == manifest["step"] and release.is_release(tmp_path / "release")
+  assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".release")]
   # Exporting an unfinished run is refused.
   with pytest.raises(release.ReleaseError, match="finish training"):
     release.export(load("configs/default.py:tiny", *overrides, "--config.train.steps=20"),

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from dprdm_jax import cli
+from dprdm_jax import errors
 from dprdm_jax import sample
 from dprdm_jax import sharding
 from dprdm_jax import train
@@ -211,3 +212,10 @@ def test_sample_grid_is_drawn_from_public_test_neighbours(embeddings, tower, uni
     for j in range(2):
       np.testing.assert_array_equal(at(i, 1 + k + 1 + j), expected[2 * i + j, ..., 0])
   assert not np.array_equal(expected[0], expected[1])
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_no_steps_is_refused_before_a_work_directory_is_made(steps, tmp_path):
+  with pytest.raises(errors.InputError, match="steps must be >= 1"):
+    train.train(load("configs/default.py:tiny", f"--config.train.steps={steps}"), tmp_path / "w")
+  assert not (tmp_path / "w").exists()

@@ -131,7 +131,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: Optional[int] 
   """
   c = config.classifier
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  errors.make_directory(workdir)
   data = splits(config.data.resolution)
   x, y = _pixels(data["train"][0]), data["train"][1]
   shape = dict(pixels=int(x.shape[1]), width=c.width)

@@ -62,7 +62,7 @@ def _ratio_lines(summary: dict) -> list[str]:
   key = summary["metrics"][0][0]
   title = _title(summary, key)
   match_text = (f"**{100 * dp[key] / non[key]:.0f}% of it**" if non[key] > 0 else
-                f"(non-private retrieval scores 0)")
+                "(non-private retrieval scores 0)")
   return [
       f"- {_title(summary, 'fd')}: DP-RDM {_cell(dp, 'fd')} against public-only retrieval "
       f"{_cell(pub, 'fd')}: {fd_text} (the bar: at least 40% lower).",

@@ -45,6 +45,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from dprdm_jax import errors
 from dprdm_jax import generate as generate_lib
 from dprdm_jax.evaluate import classifier as classifier_lib
 from dprdm_jax.evaluate import judges
@@ -217,7 +218,7 @@ def evaluate(config: ml_collections.ConfigDict, out=None, progress: bool = True)
   """Runs the four stages (module docstring) into `out` and writes the report there."""
   from dprdm_jax.evaluate import report  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(out or config.evaluate.out)
-  out.mkdir(parents=True, exist_ok=True)
+  errors.make_directory(out)
   ev = Evaluation(config, out, progress)
   e, p, w = config.evaluate, config.privacy, config.diffusion.guidance_scale
   if p.interpolation not in e.interpolations or w not in e.guidance_scales:

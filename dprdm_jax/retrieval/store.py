@@ -167,7 +167,7 @@ class EmbeddingStore:
     directory = pathlib.Path(directory)
     if (directory / "manifest.json").exists():
       raise StoreError(f"{directory} already holds a store")
-    directory.mkdir(parents=True, exist_ok=True)
+    errors.make_directory(directory)
     sizes, last = [], -1
     for i, (shard_ids, rows) in enumerate(shards):
       rows = np.asarray(rows, np.float32)
