@@ -323,8 +323,6 @@ def _define_audit(fv):
          _define_audit)
 def _audit(fv, config):
   from dprdm_jax.privacy import audit  # pylint: disable=g-import-not-at-top
-  if fv.trials < 100 or fv.canaries < 100:
-    raise UsageError("--trials and --canaries must be at least 100")
   delta = accounting.check_delta(fv.delta)
   if not 0 < fv.significance < 0.5:
     raise UsageError(f"--significance must lie in (0, 0.5), got {fv.significance}")

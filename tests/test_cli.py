@@ -112,8 +112,11 @@ def test_budget_verify_and_backup(capsys, tmp_path):
 
 
 def test_audit_refuses_bad_input(capsys):
-  for flags, message in ((["--trials", "5"], "at least 100"), (["--delta", "0"], "delta"),
-                         (["--significance", "0.7"], "significance")):
+  for flags, message in ((["--trials", "5"], "trials must lie in [100, 1,000,000]"),
+                         (["--delta", "0"], "delta"), (["--significance", "0.7"], "significance"),
+                         # these ended in numpy allocation tracebacks (7 TiB, 745 GiB)
+                         (["--trials", "1000000000000"], "got 1,000,000,000,000 and 4,000"),
+                         (["--canaries", "100000000000"], "canaries in [100, 16,000]")):
     status, _, err = dprdm(capsys, "audit", *flags)
     assert status == 2 and message in err and err.count("\n") == 1
 

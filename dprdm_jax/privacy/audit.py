@@ -288,10 +288,21 @@ def one_run(s: Setting, delta: float, canaries: int = 1000, significance: float 
 GRID = tuple(Setting(2 * z / k, q, k) for k in (4,) for q in (1.0, 0.5) for z in (0.5, 1.0, 2.0))
 
 
+# The sizes `run_all` accepts. Fewer than 100 gives no bound worth printing; the largest keep the
+# arrays in a few GB: each table holds trials x T x DIM float64 contexts per world, and the one-run
+# audit three canaries x canaries float32 arrays (the canaries, their queries, their contexts),
+# 3 GB at 16,000 (--trials 10**12 and --canaries 10**11 ended in a numpy allocation traceback).
+MIN_SIZE, MAX_TRIALS, MAX_CANARIES = 100, 1_000_000, 16_000
+
+
 def run_all(delta: float = 1e-5, trials: int = 20_000, significance: float = 0.05,
             canaries: int = 4000, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
   """The table of `dprdm audit`: the real path over GRID, each broken variant at its setting, and
-  the one-run audit of the real path at the first GRID setting."""
+  the one-run audit of the real path at the first GRID setting. InputError, before any work, for
+  trials outside [MIN_SIZE, MAX_TRIALS] or canaries outside [MIN_SIZE, MAX_CANARIES]."""
+  if not (MIN_SIZE <= trials <= MAX_TRIALS and MIN_SIZE <= canaries <= MAX_CANARIES):
+    raise errors.InputError(f"trials must lie in [{MIN_SIZE}, {MAX_TRIALS:,}] and canaries in "
+                            f"[{MIN_SIZE}, {MAX_CANARIES:,}], got {trials:,} and {canaries:,}")
   jobs = [(CORRECT, s) for s in GRID] + [(v, v.setting) for v in BROKEN]
   rows = []
   for i, (variant, s) in enumerate(jobs, start=1):
