@@ -214,6 +214,21 @@ def plan_size(e: ml_collections.ConfigDict, prompts: int) -> tuple[int, int]:
   return sweep + 4, prompts * (sweep * e.sweep_per_prompt + 4 * e.final_per_prompt)
 
 
+def check_sizes(e: ml_collections.ConfigDict, prompts: int) -> None:
+  """GenerateError for a count of config.evaluate below 1, or images per setting beyond what one
+  `generate` run writes: checked before the first setting, not when the final stage reaches it
+  (final_per_prompt=10**9 used to start the sweep and fail minutes later)."""
+  for name in ("sweep_per_prompt", "final_per_prompt", "nearest_k", "bootstrap_rounds",
+               "kid_subsets"):
+    if e[name] < 1:
+      raise generate_lib.GenerateError(f"config.evaluate.{name} must be >= 1, got {e[name]}")
+  for name in ("sweep_per_prompt", "final_per_prompt"):
+    if prompts * e[name] > generate_lib.MAX_IMAGES:
+      raise generate_lib.GenerateError(
+          f"config.evaluate.{name} = {e[name]:,} asks for {prompts * e[name]:,} images a setting "
+          f"({prompts} prompts); one setting draws at most {generate_lib.MAX_IMAGES:,}")
+
+
 def evaluate(config: ml_collections.ConfigDict, out=None, progress: bool = True) -> dict:
   """Runs the four stages (module docstring) into `out` and writes the report there."""
   from dprdm_jax.evaluate import report  # pylint: disable=g-import-not-at-top
@@ -221,6 +236,7 @@ def evaluate(config: ml_collections.ConfigDict, out=None, progress: bool = True)
   errors.make_directory(out)
   ev = Evaluation(config, out, progress)
   e, p, w = config.evaluate, config.privacy, config.diffusion.guidance_scale
+  check_sizes(e, len(ev.prompts))
   if p.interpolation not in e.interpolations or w not in e.guidance_scales:
     raise generate_lib.GenerateError(
         "config.evaluate.interpolations and guidance_scales must hold the config's own "

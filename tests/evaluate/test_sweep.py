@@ -35,6 +35,21 @@ def test_each_setting_states_the_accountants_epsilon():
               s.sigma, 0.05, 64, 4.0, 1000.0)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("final_per_prompt=0", "final_per_prompt must be >= 1, got 0"),
+    ("sweep_per_prompt=-2", "sweep_per_prompt must be >= 1"),
+    ("bootstrap_rounds=0", "bootstrap_rounds must be >= 1"),
+    ("final_per_prompt=1000000000", r"asks for 10,000,000,000 images a setting \(10 prompts\)"),
+    ("sweep_per_prompt=100001", "at most 1,000,000")])
+def test_sizes_are_checked_before_the_first_setting(override, message):
+  e = load("configs/default.py", f"--config.evaluate.{override}").evaluate
+  with pytest.raises(sweep.generate_lib.GenerateError, match=message):
+    sweep.check_sizes(e, 10)
+  sweep.check_sizes(load("configs/default.py").evaluate, 10)  # the default passes
+  sweep.check_sizes(load("configs/default.py", "--config.evaluate.final_per_prompt=100000"
+                         ).evaluate, 10)  # exactly the limit
+
+
 @pytest.mark.slow
 def test_evaluate_writes_the_report_resumes_after_a_kill_and_charges_only_its_ledger(
     tiny_product, tmp_path, monkeypatch):
