@@ -45,6 +45,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import pathlib
 import sys
 import time
@@ -364,6 +365,27 @@ def _check_generator(gen: Generator, config: ml_collections.ConfigDict) -> None:
                         "differ); build one for this config")
 
 
+def _check_settings(config: ml_collections.ConfigDict,
+                    retrieval_set: Optional["RetrievalSet"]) -> None:
+  """GenerateError (or the sampler's InputError) for a setting the run would fail on after its
+  first charge: DDIM steps, eta and x0 clipping, lambda outside [0, 1], a guidance scale that is
+  not finite, a batch size below 1, and k above the records of the retrieval set. (sample_steps=0
+  and eta=2 were refused by the sampler only after a query had been charged.)"""
+  d, p = config.diffusion, config.privacy
+  sampler.check_settings(d.timesteps, d.sample_steps, d.eta, d.clip_x0)
+  if not 0.0 <= p.interpolation <= 1.0:
+    raise GenerateError(f"config.privacy.interpolation (lambda) must lie in [0, 1], got "
+                        f"{p.interpolation}")
+  if not math.isfinite(d.guidance_scale):
+    raise GenerateError(f"config.diffusion.guidance_scale must be finite, got {d.guidance_scale}")
+  if config.generate.batch_size < 1:
+    raise GenerateError(f"config.generate.batch_size must be >= 1, got "
+                        f"{config.generate.batch_size}")
+  if retrieval_set is not None and not 1 <= p.num_neighbors <= retrieval_set.size:
+    raise GenerateError(f"config.privacy.num_neighbors (k) must lie in [1, {retrieval_set.size:,}]"
+                        f" (the records of the retrieval set), got {p.num_neighbors:,}")
+
+
 def _mechanism(config) -> accounting.Mechanism:
   p = config.privacy
   return accounting.Mechanism(p.noise_std, p.sampling_rate, p.num_neighbors)
@@ -465,6 +487,7 @@ def _run(config: ml_collections.ConfigDict, gen: "Generator", prompts: list[str]
   elif mode == "public":
     retrieval_set = RetrievalSet(g.public_keys if by_caption else g.public_values,
                                  g.public_values)
+  _check_settings(config, retrieval_set)  # nothing is charged for a run that cannot finish
   if mode == "private":
     book = ledger_lib.Ledger(ledger_path or g.ledger, create=True)
     delta = _delta(config, retrieval_set.size)

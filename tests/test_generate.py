@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from dprdm_jax import cli
+from dprdm_jax import errors
 from dprdm_jax import generate
 from dprdm_jax import sharding
 from dprdm_jax.privacy import accounting
@@ -365,6 +366,27 @@ def test_a_private_batch_is_one_program_that_never_touches_the_host(setup, gener
   compiled = program.lower(*args).compile().as_text()
   assert "callback" not in compiled.lower()
   assert "while" in compiled  # the DDIM steps: a loop inside the program, not dispatches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, error", [
+    # The sampler refused these only after the batch's query had been charged.
+    ("diffusion.sample_steps=0", "num_steps must lie in"),
+    ("diffusion.eta=2.0", "eta must lie in"),
+    ("privacy.interpolation=2.0", "lambda"),
+    ("diffusion.guidance_scale=inf", "must be finite"),
+    ("generate.batch_size=0", "batch_size must be >= 1"),
+    ("privacy.num_neighbors=100000000", "num_neighbors"),
+])
+def test_a_setting_the_run_would_fail_on_is_refused_before_the_charge(setup, generator, tmp_path,
+                                                                      override, error):
+  config = _config(setup, f"--config.{override}")
+  # A changed sampler needs a generator of its own (the shared one would refuse the config).
+  own = None if override.startswith("diffusion.") and "guidance" not in override else generator
+  with pytest.raises(errors.InputError, match=error):
+    generate.generate(config, PROMPTS, tmp_path / "out", "private", str(tmp_path / "l.db"),
+                      generator=own, progress=False)
+  assert not (tmp_path / "l.db").exists()
 
 
 @pytest.mark.slow

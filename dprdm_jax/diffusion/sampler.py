@@ -99,6 +99,14 @@ def _check_clip(clip_x0) -> None:
     raise errors.InputError(f"clip_x0 must be None or a number > 0, got {clip_x0!r}")
 
 
+def check_settings(T: int, num_steps: int, eta, clip_x0) -> None:  # pylint: disable=invalid-name
+  """InputError for DDIM settings `ddim_sample` would refuse: for a caller to check them before
+  it spends anything (`generate` charges the budget first, then samples)."""
+  ddim_timesteps(T, num_steps)
+  _check_eta(eta)
+  _check_clip(clip_x0)
+
+
 def _check_shape(shape, context_shape=None) -> tuple[int, ...]:
   shape = tuple(shape)
   if len(shape) < 1 or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in shape):
