@@ -446,13 +446,10 @@ def generate(config: ml_collections.ConfigDict, prompts: Sequence[str], out, mod
   if config.generate.retrieval not in RETRIEVAL:  # before anything is charged
     raise GenerateError(f"config.generate.retrieval must be one of {', '.join(RETRIEVAL)}, got "
                         f"{config.generate.retrieval!r}")
-  out = pathlib.Path(out)
-  if out.exists() and not out.is_dir():  # before the model loads; mkdir below says the rest
-    raise GenerateError(f"cannot create the directory {out}: a file is there")
+  out = errors.make_directory(out)  # before the model loads and anything is charged
   gen = generator or Generator(config)
   _check_generator(gen, config)
   prompts = gen.check_prompts(prompts)
-  errors.make_directory(out)  # before anything is charged
   with _exclusive(out):
     return _run(config, gen, prompts, out, mode, ledger_path, progress)
 
